@@ -1,0 +1,121 @@
+"""Paged KV memory, and the transformers `Cache` that lets the checkpoint's own modelling code use it.
+
+`KVPool` owns one tensor per model: [layers, 2 (k/v), num_blocks * block_size, kv_heads, head_dim],
+i.e. a `[blocks, block_size, heads, dim]` layout per layer, flattened over slots so a token's slot
+is `block * block_size + offset`. Block 0 stays zero (the null block pads block tables).
+
+`PagedCache` is built once per engine. Before each forward the model runner `plan()`s the step:
+which flat rows of this step's new K/V are real tokens and the slots they go to, and for every
+batch row the slots of its whole context (new tokens included) padded with slot 0. During the
+forward each attention layer calls `update(k, v, layer_idx)` (no other kwargs exist in
+transformers 5.x): the layer scatters the real rows with `index_copy_` (advanced-index assignment
+stalls on CPU) and gathers the context with one `index_select`, returning K/V exactly `kv_len` long,
+which the runner's 4D mask already covers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass(slots=True)
+class KVShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self):
+        if min(self.num_layers, self.num_kv_heads, self.head_dim) < 1:
+            raise ValueError(f"bad KV shape {self}")
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @classmethod
+    def from_text_config(cls, cfg, dtype: torch.dtype) -> "KVShape":
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim, dtype)
+
+
+def blocks_for_budget(shape: KVShape, block_size: int, budget_bytes: int) -> int:
+    return max(2, budget_bytes // (shape.bytes_per_token() * block_size))
+
+
+class KVPool:
+    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, device="cpu"):
+        self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
+        self.data = torch.zeros(shape.num_layers, 2, num_blocks * block_size, shape.num_kv_heads,
+                                shape.head_dim, dtype=shape.dtype, device=device)
+
+    def slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slots of token positions [start, end) of a sequence."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """KV of the given slots for every layer: [layers, 2, n, heads, dim] (a copy)."""
+        return self.data.index_select(2, slots)
+
+    def write(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        self.data.index_copy_(2, slots, kv.to(self.data.dtype))
+
+
+@dataclass(slots=True)
+class StepPlan:
+    write_rows: torch.Tensor     # [n_real] indices into the step's flattened [B * Q] new tokens
+    write_slots: torch.Tensor    # [n_real] pool slots they are written to
+    read_slots: torch.Tensor     # [B, kv_len] slots of each row's context, padded with slot 0
+
+    @property
+    def kv_len(self) -> int:
+        return self.read_slots.shape[1]
+
+
+class PagedLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, cache: "PagedCache", layer_idx: int):
+        super().__init__()
+        self.cache, self.layer_idx = cache, layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states):  # the pool exists up front
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        plan, pool = self.cache.plan, self.cache.pool.data[self.layer_idx]
+        b, h, q, d = key_states.shape
+        for kind, states in enumerate((key_states, value_states)):
+            rows = states.transpose(1, 2).reshape(b * q, h, d).index_select(0, plan.write_rows)
+            pool[kind].index_copy_(0, plan.write_slots, rows.to(pool.dtype))
+        flat = plan.read_slots.reshape(-1)
+        k = pool[0].index_select(0, flat).view(b, plan.kv_len, h, d).transpose(1, 2)
+        v = pool[1].index_select(0, flat).view(b, plan.kv_len, h, d).transpose(1, 2)
+        return k.to(key_states.dtype), v.to(value_states.dtype)
+
+    def get_seq_length(self) -> int:
+        return self.cache.plan.kv_len if self.cache.plan is not None else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.plan.kv_len, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PagedCache(Cache):
+    """One per engine; re-planned before every forward, never rebuilt."""
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self.plan: StepPlan | None = None
+        super().__init__(layers=[PagedLayer(self, i) for i in range(pool.shape.num_layers)])
+
+    @property
+    def is_compileable(self) -> bool:
+        return False

@@ -1,0 +1,130 @@
+"""ModelRunner: one scheduled batch → one padded forward of the checkpoint's own HF text model.
+
+For every sequence it knows how to place tokens: flat pool slots from the block table, positions
+(plain, or Qwen2-VL's 3-row M-RoPE positions for the prompt and `i + rope_delta` after it), and
+image embeddings scattered over the placeholder tokens of the chunk. A batch is split into a
+decode group (one token per row) and a prefill group (chunks padded to the longest), each run as
+`[B, Q]` with an explicit additive 4D mask: additive so that eager and sdpa attention agree
+(eager adds the mask to the scores; a bool mask there is silently wrong). Only the rows that reach
+the end of their sequence go through `lm_head`.
+"""
+from __future__ import annotations
+
+import torch
+
+from decoders.config import EngineConfig
+from decoders.kv_cache import KVPool, KVShape, PagedCache, StepPlan, blocks_for_budget
+from decoders.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, loaded, config: EngineConfig):
+        self.loaded = loaded
+        self.text_model, self.lm_head, self.embed = loaded.text_model(), loaded.lm_head(), loaded.embed_tokens()
+        self.dtype = next(self.text_model.parameters()).dtype
+        text_cfg = loaded.model.config.get_text_config()
+        self.shape = KVShape.from_text_config(text_cfg, self.dtype)
+        self.block_size = config.block_size
+        num_blocks = config.num_kv_blocks or blocks_for_budget(self.shape, config.block_size, config.kv_cache_memory)
+        self.pool = KVPool(self.shape, num_blocks, config.block_size)
+        self.cache = PagedCache(self.pool)
+        self.max_model_len = config.max_model_len or getattr(text_cfg, "max_position_embeddings", 4096)
+        self.mrope = loaded.family == "qwen2_vl"
+        self.mask_min = torch.finfo(self.dtype).min
+
+    # ---- per-sequence preparation (once, at admission) ------------------------------------------
+    @torch.inference_mode()
+    def prepare(self, seq: Sequence) -> None:
+        """Find image placeholders and, for Qwen2-VL prompts with images, the M-RoPE positions."""
+        ids = torch.tensor(seq.token_ids[:seq.num_prompt_tokens])
+        image_token = self.loaded.image_token_id
+        is_image = ids == image_token if image_token is not None else torch.zeros_like(ids, dtype=torch.bool)
+        if seq.images or is_image.any():
+            seq.image_positions = is_image.nonzero().flatten()
+        if self.mrope and seq.images and seq.mrope_positions is None:
+            grid = torch.tensor([img.grid_thw for img in seq.images], dtype=torch.long)
+            pos, delta = self.loaded.model.model.get_rope_index(
+                ids[None], mm_token_type_ids=is_image.int()[None], image_grid_thw=grid)
+            seq.mrope_positions, seq.rope_delta = pos[:, 0], int(delta.item())
+
+    # ---- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Run the batch; (sequence, float32 logits of its next token) for rows that reached the end."""
+        decodes = [(s, n) for s, n in batch if n == 1]
+        prefills = [(s, n) for s, n in batch if n > 1]
+        out = []
+        for group in (decodes, prefills):
+            if group:
+                out.extend(self._forward(group))
+        return out
+
+    def _forward(self, group: list[tuple[Sequence, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        seqs = [s for s, _ in group]
+        lens = torch.tensor([n for _, n in group])
+        starts = torch.tensor([s.num_computed_tokens for s in seqs])
+        ends = starts + lens
+        b, q, kv_len = len(group), int(lens.max()), int(ends.max())
+
+        ids = torch.zeros(b, q, dtype=torch.long)
+        for row, (seq, n) in enumerate(group):
+            s = seq.num_computed_tokens
+            ids[row, :n] = torch.tensor(seq.token_ids[s:s + n])
+        qpos = starts[:, None] + torch.arange(q)[None]               # [B, Q] absolute positions
+        embeds = self.embed(ids)
+        self._merge_images(embeds, group)
+
+        self.cache.plan = self._plan(seqs, lens, ends, qpos, kv_len)
+        kpos = torch.arange(kv_len)
+        allowed = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ends[:, None, None])
+        mask = torch.zeros(b, 1, q, kv_len, dtype=self.dtype).masked_fill_(~allowed[:, None], self.mask_min)
+        hidden = self.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(seqs, qpos),
+                                 past_key_values=self.cache, use_cache=True).last_hidden_state
+        self.cache.plan = None
+
+        done = [row for row, seq in enumerate(seqs) if int(ends[row]) == len(seq)]
+        if not done:
+            return []
+        rows = torch.tensor(done)
+        logits = self.lm_head(hidden[rows, lens[rows] - 1]).float()
+        return [(seqs[row], logits[i]) for i, row in enumerate(done)]
+
+    def _plan(self, seqs, lens, ends, qpos, kv_len) -> StepPlan:
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table)
+        kpos = torch.arange(kv_len)
+        read = tables[:, kpos // self.block_size] * self.block_size + kpos % self.block_size
+        read = read.masked_fill_(kpos[None] >= ends[:, None], 0)
+        q = qpos.shape[1]
+        real = torch.arange(q)[None] < lens[:, None]                   # [B, Q] real (not padding) tokens
+        write_rows = real.flatten().nonzero().flatten()
+        flat_pos = qpos.flatten()[write_rows]
+        row_of = write_rows // q
+        write_slots = tables[row_of, flat_pos // self.block_size] * self.block_size + flat_pos % self.block_size
+        return StepPlan(write_rows, write_slots, read)
+
+    def _positions(self, seqs: list[Sequence], qpos: torch.Tensor) -> torch.Tensor:
+        if not self.mrope:
+            return qpos
+        deltas = torch.tensor([s.rope_delta for s in seqs])
+        pos = (qpos + deltas[:, None])[None].expand(3, -1, -1).clone()
+        for row, seq in enumerate(seqs):
+            if seq.mrope_positions is None:
+                continue
+            s = int(qpos[row, 0])
+            n = min(seq.num_prompt_tokens - s, pos.shape[2])
+            if n > 0:                                                 # chunk overlaps the prompt
+                pos[:, row, :n] = seq.mrope_positions[:, s:s + n]
+        return pos
+
+    def _merge_images(self, embeds: torch.Tensor, group: list[tuple[Sequence, int]]) -> None:
+        for row, (seq, n) in enumerate(group):
+            if seq.image_embeds is None:
+                continue
+            s = seq.num_computed_tokens
+            pos = seq.image_positions
+            hit = ((pos >= s) & (pos < s + n)).nonzero().flatten()
+            if hit.numel():
+                embeds[row, pos[hit] - s] = seq.image_embeds[hit].to(embeds.dtype)
