@@ -1,0 +1,146 @@
+"""Turn a validated GenerateRequest into model inputs, enforcing the limits a client can hit.
+
+Life: a Backend calls `prepare(loaded, req, limits, max_model_len)` once per request, off the event
+loop (it decodes images and runs the processor). Every failure a client can cause becomes
+TrisectError(INVALID_ARGUMENT) with a message naming the limit: undecodable or unsupported image,
+too many images, too many bytes, too many pixels (decompression bombs are refused from the header,
+before any pixel is decoded), prompt + max_tokens beyond the context. `parse_data_url` is shared by
+both ingresses: images arrive as bytes or `data:` URLs, never as paths or remote URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from services.api_types import GenerateRequest
+from services.errors import invalid
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    max_images: int = 8                   # per request
+    max_image_bytes: int = 10 * 2**20     # per encoded image
+    max_image_pixels: int = 4096 * 4096   # per decoded image (width * height)
+    max_tokens: int = 4096                # cap on a request's max_tokens
+    max_in_flight: int = 256              # admitted, unfinished requests (backpressure)
+
+    def __post_init__(self):
+        for name in self.__slots__:
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be >= 1")
+
+
+def parse_data_url(url: str, param: str = "image_url") -> bytes:
+    """`data:image/png;base64,....` -> bytes. Anything else (http, file, paths) is refused."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        shown = url[:40] + "..." if isinstance(url, str) and len(url) > 40 else url
+        raise invalid(f"images must be sent inline as data: URLs (base64); got {shown!r} — the "
+                      "server never fetches URLs or reads server-side paths", param)
+    header, sep, payload = url[5:].partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise invalid("image data URL must look like data:image/<type>;base64,<data>", param)
+    if not header.startswith("image/"):
+        raise invalid(f"data URL media type must be image/*, got {header[:-7] or 'none'!r}", param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("image data URL is not valid base64", param) from None
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    if len(data) > limits.max_image_bytes:
+        raise invalid(f"image {index} is {len(data)} bytes; the limit is {limits.max_image_bytes}",
+                      "images")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and 2x of it; we decide ourselves below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            if img.format not in ALLOWED_FORMATS:
+                raise invalid(f"image {index} has unsupported format {img.format}; allowed: "
+                              f"{', '.join(ALLOWED_FORMATS)}", "images")
+            w, h = img.size
+            if w < 1 or h < 1 or w * h > limits.max_image_pixels:
+                raise invalid(f"image {index} is {w}x{h} = {w * h} pixels; the limit is "
+                              f"{limits.max_image_pixels}", "images")
+            img.load()
+            return img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise invalid(f"image {index} is a decompression bomb (too many pixels)", "images") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "corrupt"
+        raise invalid(f"image {index} could not be decoded ({type(e).__name__}: {e})",
+                      "images") from None
+
+
+def decode_images(req: GenerateRequest, limits: Limits) -> list[Image.Image]:
+    if len(req.images) > limits.max_images:
+        raise invalid(f"{len(req.images)} images; at most {limits.max_images} per request",
+                      "images")
+    return [decode_image(b, i, limits) for i, b in enumerate(req.images)]
+
+
+def check_lengths(req: GenerateRequest, prompt_tokens: int, limits: Limits,
+                  max_model_len: int) -> None:
+    if req.max_tokens > limits.max_tokens:
+        raise invalid(f"max_tokens is {req.max_tokens}; the limit is {limits.max_tokens}",
+                      "max_tokens")
+    if prompt_tokens + req.max_tokens > max_model_len:
+        raise invalid(f"prompt ({prompt_tokens} tokens, images included) + max_tokens "
+                      f"({req.max_tokens}) exceeds the context length {max_model_len}",
+                      "messages")
+
+
+def prepare(loaded, req: GenerateRequest, limits: Limits, max_model_len: int):
+    """-> decoders.model.PreparedPrompt (token ids with placeholders expanded, pixels per image)."""
+    from decoders.model import PreparedPrompt, prepare_prompt
+
+    if req.images and loaded.family == "text":
+        raise invalid("this model is text-only: images are not accepted", "images")
+    images = decode_images(req, limits)
+    chat = req.chat()
+    single = (len(chat) == 1 and chat[0].role == "user"
+              and [p.type for p in chat[0].content] == ["image"] * len(images) + ["text"])
+    try:
+        if single:  # the canonical layout: exactly what decoders.model.prepare_prompt builds
+            prepared = prepare_prompt(loaded, chat[0].text, images)
+        else:
+            prepared = PreparedPrompt(*_prepare_chat(loaded, chat, images))
+    except ValueError as e:  # the processor refusing an image (e.g. too small to patch)
+        raise invalid(f"the model's processor rejected the input: {e}", "messages") from None
+    check_lengths(req, len(prepared.token_ids), limits, max_model_len)
+    return prepared
+
+
+def _prepare_chat(loaded, chat, images):
+    """Multi-turn or interleaved content: render the checkpoint's chat template ourselves."""
+    import torch
+
+    messages = [{"role": m.role,
+                 "content": [{"type": "image"} if p.type == "image" else
+                             {"type": "text", "text": p.text} for p in m.content]}
+                for m in chat]
+    if loaded.family == "text":
+        ids = loaded.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.text} for m in chat], add_generation_prompt=True,
+            tokenize=True, return_dict=False)
+        return [int(t) for t in ids], []
+    text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=False)
+    enc = loaded.processor(text=[text], images=images or None, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    if not images:
+        return ids, []
+    if loaded.family == "llava":
+        return ids, [{"pixel_values": enc["pixel_values"][i:i + 1]} for i in range(len(images))]
+    grid = enc["image_grid_thw"]  # qwen2_vl: pixel rows are patches, image after image
+    chunks = torch.split(enc["pixel_values"], grid.prod(-1).tolist())
+    return ids, [{"pixel_values": c.clone(), "image_grid_thw": grid[i:i + 1].clone()}
+                 for i, c in enumerate(chunks)]
