@@ -41,6 +41,10 @@ class ModelRunner:
         is_image = ids == image_token if image_token is not None else torch.zeros_like(ids, dtype=torch.bool)
         if seq.images or is_image.any():
             seq.image_positions = is_image.nonzero().flatten()
+            rows = 0 if seq.image_embeds is None else seq.image_embeds.shape[0]
+            if rows != seq.image_positions.numel():
+                raise ValueError(f"request {seq.request_id}: {seq.image_positions.numel()} image placeholder "
+                                 f"tokens but {rows} image embedding rows")
         if self.mrope and seq.images and seq.mrope_positions is None:
             grid = torch.tensor([img.grid_thw for img in seq.images], dtype=torch.long)
             pos, delta = self.loaded.model.model.get_rope_index(

@@ -54,10 +54,6 @@ class Sequence:
             self.num_prompt_tokens = len(self.token_ids)
         if self.images:
             self.image_embeds = torch.cat([img.embeds for img in self.images], dim=0)
-            n_slots = 0 if self.image_positions is None else self.image_positions.numel()
-            if n_slots != self.image_embeds.shape[0]:
-                raise ValueError(f"request {self.request_id}: {n_slots} image placeholder tokens but "
-                                 f"{self.image_embeds.shape[0]} image embedding rows")
         if self.generator is None:
             self.generator = make_generator(self.sampling.seed)
 

@@ -1,0 +1,339 @@
+"""Load a local HF checkpoint, or build one of the tiny built-in presets.
+
+Life of a model here:
+1. ``ensure_preset("tiny-llava")`` hashes the preset's spec and looks for
+   ``cache_dir/tiny-llava-<hash>``. If absent it builds one offline and deterministically
+   (seeded init, BPE tokenizer trained in memory on a fixed corpus, processor, chat
+   template), writes it with ``save_pretrained`` into a temp dir and renames it into place,
+   so a concurrent builder never sees (or leaves) a half-written checkpoint.
+2. ``load_model(name_or_path)`` resolves a preset name or a local path, detects the family
+   from ``config.model_type`` and loads with ``from_pretrained``. ``vision_only=True``
+   never materialises language-model weights: the model is laid out on the meta device,
+   the LM is dropped, and only the vision tower + projector are rebuilt and filled from
+   the safetensors files.
+3. ``prepare_prompt`` applies the chat template, runs the processor (placeholders expanded)
+   and splits pixel inputs per image, so encoders and the engine can handle images apart.
+
+Random weights: whatever the presets generate is gibberish, by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                          AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLProcessor)
+
+PRESETS = ("tiny-llava", "tiny-qwen2-vl")
+_BUILD_LOCK = threading.Lock()
+_BUILDER_VERSION = 1  # bump when the build recipe changes, so old cache dirs are not reused
+
+_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-6,
+             initializer_range=0.1)  # 0.1, not 0.02: greedy outputs vary instead of repeating one token
+_SPECS = {
+    "tiny-llava": dict(
+        family="llava", text=_TEXT,
+        vision=dict(image_size=32, patch_size=8, hidden_size=192, intermediate_size=512,
+                    num_hidden_layers=3, num_attention_heads=4, initializer_range=0.1)),
+    "tiny-qwen2-vl": dict(
+        family="qwen2_vl",
+        # mrope_section must sum to head_dim/2 = 512/8/2 = 32
+        text=dict(_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12])),
+        vision=dict(depth=3, embed_dim=192, num_heads=4, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2, initializer_range=0.1),
+        # 56x56 .. 112x112 pixels -> 4 .. 16 image tokens per image
+        min_pixels=56 * 56, max_pixels=112 * 112),
+}
+
+_WORDS = """the a an and or but if then when while because of to in on at by for with from about into over under
+after before cat dog bird fish horse cow sheep goat mouse lion tiger bear wolf fox owl red green blue yellow black
+white orange purple brown gray pink bright dark small large big tiny tall short image picture photo scene sky sea
+river lake mountain hill tree forest flower grass field road street city house is are was were be been has have had
+do does did can could will would should may might must see look show tell describe find count name read write say
+think know want need like make take give one two three four five six seven eight nine ten many few some all every
+each no not left right top bottom middle center near far above below behind beside inside outside between sun moon
+star cloud rain snow wind light shadow color shape line circle square triangle man woman child boy girl people
+person friend family teacher doctor farmer car bus train boat plane bike ship truck morning evening night day week
+year today yesterday tomorrow happy sad quiet loud fast slow warm cold old new young good bad what where who why how
+which this that these those there here answer question model token server request stream batch cache""".split()
+
+# ChatML for both presets; only the image marker (and llava's leading BOS) differ.
+_TEMPLATE = (
+    "{prefix}{{% for m in messages %}}<|im_start|>{{{{ m['role'] }}}}\n"
+    "{{% if m['content'] is string %}}{{{{ m['content'] }}}}{{% else %}}{{% for c in m['content'] %}}"
+    "{{% if c['type'] in ('image', 'image_url') %}}{image}"
+    "{{% elif c['type'] == 'text' %}}{{{{ c['text'] }}}}{{% endif %}}{{% endfor %}}{{% endif %}}"
+    "<|im_end|>\n{{% endfor %}}{{% if add_generation_prompt %}}<|im_start|>assistant\n{{% endif %}}")
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video processor, whose base class needs torchvision.
+
+    Dropping ``video_processor`` from ``__init__``'s signature is what tells ProcessorMixin
+    (which reads the signature) not to require, check, save or load one.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TRISECT_CACHE") or Path.home() / ".cache" / "trisect")
+
+
+def _spec_hash(name: str) -> str:
+    blob = json.dumps({"v": _BUILDER_VERSION, "spec": _SPECS[name], "words": _WORDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_preset(name: str, cache_dir: Path | None = None) -> Path:
+    if name not in _SPECS:
+        raise ValueError(f"unknown preset {name!r}; known: {PRESETS}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache_dir / f"{name}-{_spec_hash(name)}"
+    if final.is_dir():  # only ever created by the rename below, so it is complete
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _BUILD_LOCK:  # threads would share torch's global RNG, so builds in one process take turns
+        if final.is_dir():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+        try:
+            _build_preset(name, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is meant to be shared
+            try:
+                os.rename(tmp, final)  # atomic: readers see no dir or a complete one
+            except OSError:
+                if not final.is_dir():  # we did not merely lose a race with another process
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return final
+
+
+def _tokenizer(special: list[str], image_marker: str, bos: str | None, pad: str, **named: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    rng = random.Random(1234)  # fixed corpus: random "sentences" over a built-in word list
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".?!,")
+              for _ in range(3000)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # byte-level: any text encodes
+    bpe.decoder = decoders.ByteLevel()
+    special = [t for t in (bos, pad, "<|im_start|>", "<|im_end|>") if t] + special
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=2048, special_tokens=special, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token="<|im_end|>", pad_token=pad,
+                                  extra_special_tokens=named)  # named: tok.image_token etc., read by processors
+    tok.chat_template = _TEMPLATE.format(prefix="{{ bos_token }}" if bos else "", image=image_marker)
+    return tok
+
+
+def _llava_parts(spec: dict):
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tok = _tokenizer(["<image>"], "<image>\n", bos="<s>", pad="<pad>", image_token="<image>")  # \n: images apart
+    v, side = spec["vision"], spec["vision"]["image_size"]
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **spec["text"])
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**v), text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=(side // v["patch_size"]) ** 2)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        tokenizer=tok, patch_size=v["patch_size"], vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=tok.chat_template)  # +1: CLS, which "default" drops again
+    return LlavaForConditionalGeneration, config, processor
+
+
+def _qwen2_vl_parts(spec: dict):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    named = dict(image_token="<|image_pad|>", video_token="<|video_pad|>",
+                 vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>")
+    tok = _tokenizer(list(named.values()), "<|vision_start|><|image_pad|><|vision_end|>", bos=None,
+                     pad="<|endoftext|>", **named)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in named.items()}
+    v = spec["vision"]
+    text = dict(spec["text"], vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                bos_token_id=None)
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(v, hidden_size=text["hidden_size"]),
+                           image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+                           vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"])
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"], patch_size=v["patch_size"],
+        merge_size=v["spatial_merge_size"], temporal_patch_size=v["temporal_patch_size"])
+    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                          chat_template=tok.chat_template)
+    return Qwen2VLForConditionalGeneration, config, processor
+
+
+def _build_preset(name: str, out: Path) -> None:
+    spec = _SPECS[name]
+    model_cls, config, processor = (_llava_parts if spec["family"] == "llava" else _qwen2_vl_parts)(spec)
+    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
+        torch.manual_seed(0)  # the only source of randomness in the weights
+        model = model_cls(config).eval()
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id  # <|im_end|> ends a turn
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.save_pretrained(out)
+    processor.save_pretrained(out)  # also writes the tokenizer and chat template
+    for f in out.glob("*_config.json"):  # name the stock class, so plain AutoProcessor can read it elsewhere
+        f.write_text(f.read_text().replace('"ImageOnlyQwen2VLProcessor"', '"Qwen2VLProcessor"'))
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # PreTrainedTokenizerBase
+    processor: object | None  # ProcessorMixin
+    family: str
+    path: Path
+    image_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    vision_only: bool = False
+
+    def __post_init__(self):
+        if self.family not in _FAMILIES:
+            raise ValueError(f"family must be one of {_FAMILIES}, got {self.family!r}")
+        if (self.family == "text") != (self.image_token_id is None):
+            raise ValueError("image_token_id is required for multimodal families and absent for text")
+        self.path = Path(self.path)
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+
+    def _full(self) -> nn.Module:
+        if self.vision_only:
+            raise RuntimeError("this LoadedModel was loaded vision_only: it holds no language model")
+        return self.model
+
+    def text_model(self) -> nn.Module:
+        m = self._full()
+        return m.model if self.family == "text" else m.model.language_model
+
+    def lm_head(self) -> nn.Module:
+        return self._full().get_output_embeddings()
+
+    def embed_tokens(self) -> nn.Module:
+        return self._full().get_input_embeddings()
+
+
+@dataclass(slots=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    pixel_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.token_ids:
+            raise ValueError("empty prompt")
+
+
+_FAMILIES = ("llava", "qwen2_vl", "text")
+_FAMILY_OF = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
+# vision submodules of model.model per family, and legacy (pre-5.x) checkpoint key prefixes
+_VISION_PARTS = {"llava": ("vision_tower", "multi_modal_projector"), "qwen2_vl": ("visual",)}
+_LEGACY_PREFIX = {"llava": {"vision_tower.": "model.vision_tower.",
+                            "multi_modal_projector.": "model.multi_modal_projector."},
+                  "qwen2_vl": {"visual.": "model.visual."}}
+
+
+def _family(config) -> str:
+    if config.model_type in _FAMILY_OF:
+        return _FAMILY_OF[config.model_type]
+    if getattr(config, "vision_config", None) is None and type(config) in AutoModelForCausalLM._model_mapping:
+        return "text"
+    raise ValueError(f"unsupported checkpoint model_type {config.model_type!r}")
+
+
+def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_only=False) -> LoadedModel:
+    path = ensure_preset(name_or_path, cache_dir) if name_or_path in _SPECS else Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint dir")
+    config = AutoConfig.from_pretrained(path)
+    family = _family(config)
+    if vision_only and family == "text":
+        raise ValueError("vision_only needs a multimodal checkpoint")
+    if family == "text":
+        model, processor = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        # one processor class per family, whatever the checkpoint names (we never process video)
+        processor = (ImageOnlyQwen2VLProcessor if family == "qwen2_vl" else AutoProcessor).from_pretrained(path)
+        tokenizer = processor.tokenizer
+        model = (_load_vision_only(path, config, family, dtype) if vision_only
+                 else AutoModelForImageTextToText.from_pretrained(path, dtype=dtype))
+    eos = getattr(model, "generation_config", None) and model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, processor=processor, family=family, path=path,
+                       image_token_id=None if family == "text" else config.image_token_id,
+                       eos_token_ids=tuple(eos), vision_only=vision_only)
+
+
+def _load_vision_only(path: Path, config, family: str, dtype) -> nn.Module:
+    cls = AutoModelForImageTextToText._model_mapping[type(config)]
+    with torch.device("meta"):  # lays out the whole model without allocating a byte
+        model = cls(config)
+    del model.model.language_model, model.lm_head
+    for name in _VISION_PARTS[family]:
+        meta = getattr(model.model, name)
+        # rebuild for real on CPU: non-persistent buffers (rotary inv_freq, CLIP position_ids)
+        # are computed at construction and are not in the checkpoint
+        if name == "vision_tower":
+            from transformers import AutoModel
+            real = AutoModel.from_config(config.vision_config)
+        elif name == "visual":
+            real = type(meta)._from_config(config.vision_config)
+        else:
+            real = type(meta)(config)
+        setattr(model.model, name, real)
+    wanted = model.state_dict()
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                new = next((n + key[len(o):] for o, n in _LEGACY_PREFIX[family].items() if key.startswith(o)), key)
+                if new in wanted:
+                    found[new] = f.get_tensor(key)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ValueError(f"{path}: vision weights missing from checkpoint: {missing[:5]}")
+    model.load_state_dict(found, strict=True)
+    return model.to(dtype).eval()
+
+
+def prepare_prompt(loaded: LoadedModel, text: str, images: list) -> PreparedPrompt:
+    images = list(images or [])
+    if loaded.family == "text":
+        if images:
+            raise ValueError("this model is text-only: images are not accepted")
+        tok = loaded.tokenizer
+        if tok.chat_template:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        else:  # plain LM without a template: the text is the prompt
+            ids = tok(text)["input_ids"]
+        return PreparedPrompt(token_ids=[int(t) for t in ids])
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    prompt = loaded.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+    enc = loaded.processor(text=[prompt], images=images or None, return_tensors="pt")
+    token_ids = enc["input_ids"][0].tolist()
+    if loaded.family == "llava":
+        pixels = [{"pixel_values": enc["pixel_values"][i:i + 1]} for i in range(len(images))]
+    elif images:
+        grid = enc["image_grid_thw"]
+        chunks = torch.split(enc["pixel_values"], grid.prod(-1).tolist())  # rows are patches, image after image
+        pixels = [{"pixel_values": c.clone(), "image_grid_thw": grid[i:i + 1].clone()} for i, c in enumerate(chunks)]
+    else:
+        pixels = []
+    return PreparedPrompt(token_ids=token_ids, pixel_inputs=pixels)
