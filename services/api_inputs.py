@@ -75,9 +75,11 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
             return img.convert("RGB")
     except Image.DecompressionBombError:
         raise invalid(f"image {index} is a decompression bomb (too many pixels)", "images") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "corrupt"
-        raise invalid(f"image {index} could not be decoded ({type(e).__name__}: {e})",
-                      "images") from None
+    except Image.UnidentifiedImageError:
+        raise invalid(f"image {index} is not a recognised image file (allowed: "
+                      f"{', '.join(ALLOWED_FORMATS)})", "images") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "corrupt/truncated"
+        raise invalid(f"image {index} could not be decoded ({e})", "images") from None
 
 
 def decode_images(req: GenerateRequest, limits: Limits) -> list[Image.Image]:
