@@ -200,6 +200,10 @@ def build_http_app(backend, auth: ApiKeys | None = None,
             if metrics:
                 metrics.failed("http", e.code.value)
             yield "data: " + json.dumps(e.openai_body()) + "\n\n"
+        except BaseException:  # the client disconnected (GeneratorExit / cancellation)
+            if metrics:
+                metrics.failed("http", "CANCELLED")
+            raise
         finally:
             await stream.aclose()  # a disconnect lands here too: abort, free KV blocks
         yield "data: [DONE]\n\n"

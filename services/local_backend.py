@@ -72,6 +72,7 @@ class LocalBackend:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._prep = concurrent.futures.ThreadPoolExecutor(prep_workers, "trisect-prep")
         self._closed = threading.Event()
+        self._accepting = True
         self._thread = threading.Thread(target=self._run, name="trisect-engine", daemon=True)
         self._thread.start()
 
@@ -117,6 +118,13 @@ class LocalBackend:
                 if live.in_engine or not self._release(live):
                     self._commands.put(("abort", req.request_id))
 
+    def drain(self) -> None:
+        """Refuse new requests with UNAVAILABLE (e.g. before a role switch); running ones go on."""
+        self._accepting = False
+
+    def resume(self) -> None:
+        self._accepting = True
+
     def close(self) -> None:
         self._closed.set()
         self._commands.put(("wake",))
@@ -127,6 +135,9 @@ class LocalBackend:
     def _admit(self, live: _Live) -> None:
         if self._closed.is_set() or not self._thread.is_alive():
             raise TrisectError(ErrorCode.UNAVAILABLE, "the engine is not running")
+        if not self._accepting:
+            raise TrisectError(ErrorCode.UNAVAILABLE, "this instance is draining and accepts no "
+                               "new requests; retry shortly or on another instance")
         rid = live.req.request_id
         with self._lock:
             if rid in self._live:
