@@ -104,3 +104,12 @@ def test_stop_strings_cut_and_hold_back(tok):
     assert not emitted.endswith("ma") and emitted + d.flush() == "the red cat sat on the mat"
     out, d = stream(tok, ids, stop=["dog"])
     assert not d.stopped and out == "the red cat sat on the mat"
+
+
+def test_docs_show_the_current_proto():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs/api.md").read_text()
+    block = doc.split("```proto\n", 1)[1].split("```", 1)[0]
+    assert block == (root / "services/proto/trisect/v1/generation.proto").read_text(), \
+        "docs/api.md embeds a stale copy of generation.proto"
