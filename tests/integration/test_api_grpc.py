@@ -232,3 +232,27 @@ def test_cli_streams_to_stdout(stack, tiny_llava, make_image, tmp_path, capsys):
     assert "completion_tokens=6" in err
     assert main(["--target", stack["target"], "--api-key", "bad", "hi"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_multi_turn_interleaved_messages_token_exact(client, tiny_llava, make_image):
+    import torch
+    image = make_image(4)
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "look:"},
+                                         {"type": "image", "image": png(image)},
+                                         {"type": "text", "text": "what is it?"}]},
+            {"role": "assistant", "content": "a cat"},
+            {"role": "user", "content": "and its colour?"}]
+    hf_msgs = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]
+                if isinstance(m["content"], str) else
+                [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+               for m in msgs]
+    proc = tiny_llava.processor
+    inputs = proc(text=[proc.apply_chat_template(hf_msgs, add_generation_prompt=True,
+                                                 tokenize=False)], images=[image],
+                  return_tensors="pt")
+    with torch.inference_mode():
+        out = tiny_llava.model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)
+    ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert list(client.generate(messages=msgs, max_tokens=8, ignore_eos=True).token_ids) == ref
