@@ -2,7 +2,8 @@
 
 `step()` = schedule → run one forward per group → sample → append / check stops → free finished.
 Roles: an aggregated engine runs a request to the end; a prefill-only engine (`role="prefill"`)
-finishes each request right after its first token, returning a `KVPayload` in that StepOutput;
+finishes each request right after its first token, returning a `KVPayload` in that StepOutput and
+holding the sequence's blocks until the transfer layer calls `release()` (SUCCESS or FAILED);
 a decode engine takes such payloads with `import_kv` and continues as if it had prefilled itself.
 The engine knows nothing of Ray, Redis or RPC; it is single-threaded — callers serialise access.
 """
@@ -42,6 +43,8 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
+        # prefill role: finished sequences whose blocks stay held until their KV transfer ends
+        self.handovers: dict[str, Sequence] = {}
 
     # ---- requests in -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
@@ -85,9 +88,17 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
-            return False
+            return self.release(request_id)
         self.scheduler.finish(seq, "abort")
         return True
+
+    def release(self, request_id: str) -> bool:
+        """Free a handed-over sequence's blocks: call once its KV transfer succeeded or failed
+        (never before — a transfer may still be reading them)."""
+        seq = self.handovers.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+        return seq is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -119,8 +130,12 @@ class Engine:
         out = StepOutput(seq.request_id, [token], reason is not None, reason)
         if reason == "prefilled":
             out.kv = self.export_kv(seq)
-        if reason is not None:
+            self.scheduler.running.remove(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+            self.handovers[seq.request_id] = seq
+        elif reason is not None:
             self.scheduler.finish(seq, reason)
+        if reason is not None:
             del self.seqs[seq.request_id]
         return out
 

@@ -150,3 +150,26 @@ def test_rejects_what_cannot_fit(model):
     engine.add_request("ok", ids[:3], greedy(4))
     with pytest.raises(ValueError, match="already"):
         engine.add_request("ok", ids[:3], greedy(4))
+
+
+def test_stop_token_ids_and_stop_strings(tiny_llava):
+    model, text = tiny_llava, PROMPTS[6]
+    ref = hf_greedy(model, text, [], 24)
+    ids, _ = engine_inputs(model, text, [])
+    decode = lambda toks: model.tokenizer.decode(toks, skip_special_tokens=True)
+    stop_string = decode(ref[8:10]).strip()[:4]
+    assert stop_string
+    cut = next(k for k in range(1, 25) if stop_string in decode(ref[:k]))
+    stop_id = ref[6]
+    engine = Engine(model, EngineConfig(block_size=4))
+    engine.add_request("by-id", ids, SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=(stop_id,)))
+    engine.add_request("by-string", ids, SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop_string,)))
+    reasons = {}
+    outs = {"by-id": [], "by-string": []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] += o.new_token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+    assert outs["by-id"] == ref[:ref.index(stop_id) + 1] and reasons["by-id"] == "stop"
+    assert outs["by-string"] == ref[:cut] and reasons["by-string"] == "stop"

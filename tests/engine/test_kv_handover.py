@@ -25,6 +25,10 @@ def prefill(model, cases, max_tokens):
         for out in engine.step():
             assert out.finished and out.finish_reason == "prefilled" and len(out.new_token_ids) == 1
             payloads[out.request_id] = out.kv
+    assert set(engine.handovers) == set(cases), "blocks stay held until the transfer ends"
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_usable_blocks
+    for rid in cases:
+        assert engine.release(rid) and not engine.release(rid)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
     return payloads
 
