@@ -1,20 +1,17 @@
 """Load a local HF checkpoint, or build one of the tiny built-in presets.
 
 Life of a model here:
-1. ``ensure_preset("tiny-llava")`` hashes the preset's spec and looks for
-   ``cache_dir/tiny-llava-<hash>``. If absent it builds one offline and deterministically
-   (seeded init, BPE tokenizer trained in memory on a fixed corpus, processor, chat
-   template), writes it with ``save_pretrained`` into a temp dir and renames it into place,
-   so a concurrent builder never sees (or leaves) a half-written checkpoint.
-2. ``load_model(name_or_path)`` resolves a preset name or a local path, detects the family
-   from ``config.model_type`` and loads with ``from_pretrained``. ``vision_only=True``
-   never materialises language-model weights: the model is laid out on the meta device,
-   the LM is dropped, and only the vision tower + projector are rebuilt and filled from
-   the safetensors files.
-3. ``prepare_prompt`` applies the chat template, runs the processor (placeholders expanded)
-   and splits pixel inputs per image, so encoders and the engine can handle images apart.
-
-Random weights: whatever the presets generate is gibberish, by construction.
+1. ``ensure_preset("tiny-llava")`` hashes the preset's recipe and looks for ``cache_dir/tiny-llava-<hash>``.
+   If absent it builds one offline and deterministically (seeded init, BPE tokenizer trained in memory on a
+   fixed corpus, processor, chat template), ``save_pretrained``s it into a temp dir and renames that into
+   place, so a concurrent builder never sees (or leaves) a half-written checkpoint.
+2. ``load_model(name_or_path)`` resolves a preset name or a local path, detects the family from
+   ``config.model_type`` and loads with ``from_pretrained``. ``vision_only=True`` never materialises
+   language-model weights: the model is laid out on the meta device, the LM dropped, and only the vision
+   tower + projector rebuilt and filled from the safetensors files.
+3. ``prepare_prompt`` applies the chat template, runs the processor (placeholders expanded) and splits
+   pixel inputs per image, so encoders and the engine can handle images apart.
+The presets have random weights: what they generate is gibberish, by construction.
 """
 from __future__ import annotations
 
@@ -32,41 +29,34 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                          AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLProcessor)
+                          AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+                          ProcessorMixin, Qwen2VLProcessor)
 
 PRESETS = ("tiny-llava", "tiny-qwen2-vl")
 _BUILD_LOCK = threading.Lock()
 _BUILDER_VERSION = 1  # bump when the build recipe changes, so old cache dirs are not reused
 
-_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-             num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-6,
+_TEXT = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+             max_position_embeddings=4096, rms_norm_eps=1e-6,
              initializer_range=0.1)  # 0.1, not 0.02: greedy outputs vary instead of repeating one token
 _SPECS = {
-    "tiny-llava": dict(
-        family="llava", text=_TEXT,
-        vision=dict(image_size=32, patch_size=8, hidden_size=192, intermediate_size=512,
-                    num_hidden_layers=3, num_attention_heads=4, initializer_range=0.1)),
+    "tiny-llava": dict(family="llava", text=_TEXT, vision=dict(
+        image_size=32, patch_size=8, hidden_size=192, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=4, initializer_range=0.1)),  # 32x32 px, 8x8 patches -> 16 image tokens
     "tiny-qwen2-vl": dict(
-        family="qwen2_vl",
-        # mrope_section must sum to head_dim/2 = 512/8/2 = 32
+        family="qwen2_vl",  # mrope_section must sum to head_dim/2 = 512/8/2 = 32
         text=dict(_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 12, 12])),
         vision=dict(depth=3, embed_dim=192, num_heads=4, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2, initializer_range=0.1),
-        # 56x56 .. 112x112 pixels -> 4 .. 16 image tokens per image
-        min_pixels=56 * 56, max_pixels=112 * 112),
+        min_pixels=56 * 56, max_pixels=112 * 112),  # 56x56 .. 112x112 px -> 4 .. 16 image tokens
 }
-
-_WORDS = """the a an and or but if then when while because of to in on at by for with from about into over under
-after before cat dog bird fish horse cow sheep goat mouse lion tiger bear wolf fox owl red green blue yellow black
-white orange purple brown gray pink bright dark small large big tiny tall short image picture photo scene sky sea
-river lake mountain hill tree forest flower grass field road street city house is are was were be been has have had
-do does did can could will would should may might must see look show tell describe find count name read write say
-think know want need like make take give one two three four five six seven eight nine ten many few some all every
-each no not left right top bottom middle center near far above below behind beside inside outside between sun moon
-star cloud rain snow wind light shadow color shape line circle square triangle man woman child boy girl people
-person friend family teacher doctor farmer car bus train boat plane bike ship truck morning evening night day week
-year today yesterday tomorrow happy sad quiet loud fast slow warm cold old new young good bad what where who why how
-which this that these those there here answer question model token server request stream batch cache""".split()
+_WORDS = """the a an and or but if then when while because of to in on at by for with from about into over under after
+cat dog bird fish horse lion bear fox red green blue yellow black white small large big tiny tall short image picture
+photo scene sky sea river lake mountain tree forest flower grass road street city house is are was were be has have had
+do does can could will would should see look show tell describe find count name read write say think know want like
+make one two three four five many few some all every no not left right top bottom near far above below between sun moon
+star cloud rain light color shape man woman child people car bus train boat what where who why how this that there""".split()
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]  # pseudo-words fill the BPE vocab to ~2k
 
 # ChatML for both presets; only the image marker (and llava's leading BOS) differ.
 _TEMPLATE = (
@@ -78,11 +68,8 @@ _TEMPLATE = (
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without its video processor, whose base class needs torchvision.
-
-    Dropping ``video_processor`` from ``__init__``'s signature is what tells ProcessorMixin
-    (which reads the signature) not to require, check, save or load one.
-    """
+    """Qwen2VLProcessor minus the video processor (whose base class needs torchvision): ProcessorMixin
+    reads ``__init__``'s signature to decide which sub-processors to require, check, save and load."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
@@ -92,22 +79,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TRISECT_CACHE") or Path.home() / ".cache" / "trisect")
 
 
-def _spec_hash(name: str) -> str:
-    blob = json.dumps({"v": _BUILDER_VERSION, "spec": _SPECS[name], "words": _WORDS}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def ensure_preset(name: str, cache_dir: Path | None = None) -> Path:
     if name not in _SPECS:
         raise ValueError(f"unknown preset {name!r}; known: {PRESETS}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / f"{name}-{_spec_hash(name)}"
-    if final.is_dir():  # only ever created by the rename below, so it is complete
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    recipe = [_BUILDER_VERSION, _SPECS[name], _WORDS, _SYLLABLES, _TEMPLATE]  # all that shapes the checkpoint
+    final = cache_dir / f"{name}-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]}"
     with _BUILD_LOCK:  # threads would share torch's global RNG, so builds in one process take turns
-        if final.is_dir():
+        if final.is_dir():  # only ever created by the rename below, so it is complete
             return final
+        cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
         try:
             _build_preset(name, tmp)
@@ -124,9 +105,10 @@ def ensure_preset(name: str, cache_dir: Path | None = None) -> Path:
 
 def _tokenizer(special: list[str], image_marker: str, bos: str | None, pad: str, **named: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    rng = random.Random(1234)  # fixed corpus: random "sentences" over a built-in word list
-    corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".?!,")
-              for _ in range(3000)]
+    rng = random.Random(1234)  # fixed corpus: random "sentences" over built-in words and pseudo-words
+    words = _WORDS * 6 + ["".join(rng.choices(_SYLLABLES, k=rng.randint(2, 3))) for _ in range(1500)]
+    corpus = [" ".join(rng.choices(words, k=rng.randint(4, 14))).capitalize() + rng.choice(".?!,")
+              for _ in range(4000)]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # byte-level: any text encodes
     bpe.decoder = decoders.ByteLevel()
@@ -162,18 +144,16 @@ def _qwen2_vl_parts(spec: dict):
                  vision_bos_token="<|vision_start|>", vision_eos_token="<|vision_end|>")
     tok = _tokenizer(list(named.values()), "<|vision_start|><|image_pad|><|vision_end|>", bos=None,
                      pad="<|endoftext|>", **named)
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in named.items()}
-    v = spec["vision"]
+    ids, v = {k: tok.convert_tokens_to_ids(t) for k, t in named.items()}, spec["vision"]
     text = dict(spec["text"], vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                 bos_token_id=None)
     config = Qwen2VLConfig(text_config=text, vision_config=dict(v, hidden_size=text["hidden_size"]),
                            image_token_id=ids["image_token"], video_token_id=ids["video_token"],
                            vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"])
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"], patch_size=v["patch_size"],
-        merge_size=v["spatial_merge_size"], temporal_patch_size=v["temporal_patch_size"])
-    processor = ImageOnlyQwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
-                                          chat_template=tok.chat_template)
+    processor = ImageOnlyQwen2VLProcessor(tokenizer=tok, chat_template=tok.chat_template, image_processor=(
+        Qwen2VLImageProcessorPil(min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"],
+                                 patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                 temporal_patch_size=v["temporal_patch_size"])))
     return Qwen2VLForConditionalGeneration, config, processor
 
 
@@ -193,50 +173,47 @@ def _build_preset(name: str, out: Path) -> None:
 
 @dataclass(slots=True)
 class LoadedModel:
-    model: nn.Module
-    tokenizer: object  # PreTrainedTokenizerBase
-    processor: object | None  # ProcessorMixin
-    family: str
+    model: nn.Module  # HF *ForConditionalGeneration / *ForCausalLM in eval(); vision_only: LM parts deleted
+    tokenizer: PreTrainedTokenizerBase
+    processor: ProcessorMixin | None
+    family: str  # "llava" | "qwen2_vl" | "text"
     path: Path
     image_token_id: int | None
     eos_token_ids: tuple[int, ...]
     vision_only: bool = False
 
     def __post_init__(self):
-        if self.family not in _FAMILIES:
-            raise ValueError(f"family must be one of {_FAMILIES}, got {self.family!r}")
+        if self.family not in _VISION_PARTS and self.family != "text":
+            raise ValueError(f"unknown family {self.family!r}")
         if (self.family == "text") != (self.image_token_id is None):
             raise ValueError("image_token_id is required for multimodal families and absent for text")
-        self.path = Path(self.path)
-        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        self.path, self.eos_token_ids = Path(self.path), tuple(int(t) for t in self.eos_token_ids)
 
-    def _full(self) -> nn.Module:
+    def _lm(self) -> nn.Module:
         if self.vision_only:
             raise RuntimeError("this LoadedModel was loaded vision_only: it holds no language model")
         return self.model
 
-    def text_model(self) -> nn.Module:
-        m = self._full()
-        return m.model if self.family == "text" else m.model.language_model
+    def text_model(self) -> nn.Module:  # (inputs_embeds, attention_mask, position_ids, past_key_values)
+        return self._lm().model if self.family == "text" else self._lm().model.language_model
 
     def lm_head(self) -> nn.Module:
-        return self._full().get_output_embeddings()
+        return self._lm().get_output_embeddings()
 
     def embed_tokens(self) -> nn.Module:
-        return self._full().get_input_embeddings()
+        return self._lm().get_input_embeddings()
 
 
 @dataclass(slots=True)
 class PreparedPrompt:
-    token_ids: list[int]
-    pixel_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    token_ids: list[int]  # chat template applied, one placeholder token per image embedding row
+    pixel_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # one dict per image, in order
 
     def __post_init__(self):
         if not self.token_ids:
             raise ValueError("empty prompt")
 
 
-_FAMILIES = ("llava", "qwen2_vl", "text")
 _FAMILY_OF = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
 # vision submodules of model.model per family, and legacy (pre-5.x) checkpoint key prefixes
 _VISION_PARTS = {"llava": ("vision_tower", "multi_modal_projector"), "qwen2_vl": ("visual",)}
@@ -245,23 +222,18 @@ _LEGACY_PREFIX = {"llava": {"vision_tower.": "model.vision_tower.",
                   "qwen2_vl": {"visual.": "model.visual."}}
 
 
-def _family(config) -> str:
-    if config.model_type in _FAMILY_OF:
-        return _FAMILY_OF[config.model_type]
-    if getattr(config, "vision_config", None) is None and type(config) in AutoModelForCausalLM._model_mapping:
-        return "text"
-    raise ValueError(f"unsupported checkpoint model_type {config.model_type!r}")
-
-
 def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_only=False) -> LoadedModel:
     path = ensure_preset(name_or_path, cache_dir) if name_or_path in _SPECS else Path(name_or_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint dir")
     config = AutoConfig.from_pretrained(path)
-    family = _family(config)
-    if vision_only and family == "text":
-        raise ValueError("vision_only needs a multimodal checkpoint")
+    family = _FAMILY_OF.get(config.model_type) or (
+        "text" if type(config) in AutoModelForCausalLM._model_mapping and not hasattr(config, "vision_config") else None)
+    if family is None:
+        raise ValueError(f"unsupported checkpoint model_type {config.model_type!r}")
     if family == "text":
+        if vision_only:
+            raise ValueError("vision_only needs a multimodal checkpoint")
         model, processor = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
@@ -270,42 +242,35 @@ def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_on
         tokenizer = processor.tokenizer
         model = (_load_vision_only(path, config, family, dtype) if vision_only
                  else AutoModelForImageTextToText.from_pretrained(path, dtype=dtype))
-    eos = getattr(model, "generation_config", None) and model.generation_config.eos_token_id
+    try:  # generation_config.json is what generate() stops on; fall back to the model config
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = config.get_text_config().eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
+    eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id not in eos + [None] else []
     return LoadedModel(model=model.eval(), tokenizer=tokenizer, processor=processor, family=family, path=path,
                        image_token_id=None if family == "text" else config.image_token_id,
                        eos_token_ids=tuple(eos), vision_only=vision_only)
 
 
 def _load_vision_only(path: Path, config, family: str, dtype) -> nn.Module:
-    cls = AutoModelForImageTextToText._model_mapping[type(config)]
     with torch.device("meta"):  # lays out the whole model without allocating a byte
-        model = cls(config)
+        model = AutoModelForImageTextToText._model_mapping[type(config)](config)
     del model.model.language_model, model.lm_head
     for name in _VISION_PARTS[family]:
-        meta = getattr(model.model, name)
         # rebuild for real on CPU: non-persistent buffers (rotary inv_freq, CLIP position_ids)
         # are computed at construction and are not in the checkpoint
-        if name == "vision_tower":
-            from transformers import AutoModel
-            real = AutoModel.from_config(config.vision_config)
-        elif name == "visual":
-            real = type(meta)._from_config(config.vision_config)
-        else:
-            real = type(meta)(config)
+        cls = type(getattr(model.model, name))
+        real = cls(config) if name == "multi_modal_projector" else cls._from_config(config.vision_config)
         setattr(model.model, name, real)
-    wanted = model.state_dict()
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
+    wanted, found = model.state_dict(), {}
+    for file in sorted(path.glob("*.safetensors")):  # one file or the shards of a big checkpoint
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 new = next((n + key[len(o):] for o, n in _LEGACY_PREFIX[family].items() if key.startswith(o)), key)
                 if new in wanted:
                     found[new] = f.get_tensor(key)
-    missing = sorted(set(wanted) - set(found))
-    if missing:
+    if missing := sorted(set(wanted) - set(found)):
         raise ValueError(f"{path}: vision weights missing from checkpoint: {missing[:5]}")
     model.load_state_dict(found, strict=True)
     return model.to(dtype).eval()
@@ -317,23 +282,20 @@ def prepare_prompt(loaded: LoadedModel, text: str, images: list) -> PreparedProm
         if images:
             raise ValueError("this model is text-only: images are not accepted")
         tok = loaded.tokenizer
-        if tok.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
-        else:  # plain LM without a template: the text is the prompt
-            ids = tok(text)["input_ids"]
-        return PreparedPrompt(token_ids=[int(t) for t in ids])
+        if not tok.chat_template:  # plain LM without a template: the text is the prompt
+            return PreparedPrompt(token_ids=tok(text)["input_ids"])
+        return PreparedPrompt(token_ids=list(tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)))
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     prompt = loaded.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
     enc = loaded.processor(text=[prompt], images=images or None, return_tensors="pt")
-    token_ids = enc["input_ids"][0].tolist()
-    if loaded.family == "llava":
-        pixels = [{"pixel_values": enc["pixel_values"][i:i + 1]} for i in range(len(images))]
-    elif images:
-        grid = enc["image_grid_thw"]
-        chunks = torch.split(enc["pixel_values"], grid.prod(-1).tolist())  # rows are patches, image after image
-        pixels = [{"pixel_values": c.clone(), "image_grid_thw": grid[i:i + 1].clone()} for i, c in enumerate(chunks)]
-    else:
+    if not images:
         pixels = []
-    return PreparedPrompt(token_ids=token_ids, pixel_inputs=pixels)
+    elif loaded.family == "llava":  # [1, C, H, W] each; clone so no image pins the whole batch
+        pixels = [{"pixel_values": enc["pixel_values"][i:i + 1].clone()} for i in range(len(images))]
+    else:  # Qwen2-VL: pixel_values rows are patches, image after image, grid_thw[i].prod() rows each
+        grid = enc["image_grid_thw"]
+        chunks = torch.split(enc["pixel_values"], grid.prod(-1).tolist())
+        pixels = [{"pixel_values": c.clone(), "image_grid_thw": grid[i:i + 1].clone()} for i, c in enumerate(chunks)]
+    return PreparedPrompt(token_ids=enc["input_ids"][0].tolist(), pixel_inputs=pixels)
