@@ -1,0 +1,115 @@
+"""The sender/receiver poll state machines of every backend, with a real payload."""
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from decoders.kv_payload import KVPayload, PayloadImage
+from decoders.kv_transfer import TransferError, TransferState, backend
+from decoders.sampling import SamplingParams
+
+S = TransferState
+
+
+def payload(n=40, seed=0) -> KVPayload:
+    g = torch.Generator().manual_seed(seed)
+    return KVPayload(request_id=f"r{seed}", token_ids=list(range(n + 1)), num_prompt_tokens=n,
+                     kv=torch.randn(3, 2, n, 2, 8, generator=g), block_size=16,
+                     sampling=SamplingParams(max_tokens=5, seed=3, stop=("x",)), rope_delta=-4,
+                     mrope_positions=torch.arange(3 * n).view(3, n),
+                     images=[PayloadImage(torch.randn(4, 8, generator=g), (1, 4, 4), "abc")])
+
+
+def assert_same(a: KVPayload, b: KVPayload):
+    assert torch.equal(a.kv, b.kv) and a.token_ids == b.token_ids and a.sampling == b.sampling
+    assert a.rope_delta == b.rope_delta and torch.equal(a.mrope_positions, b.mrope_positions)
+    assert torch.equal(a.images[0].embeds, b.images[0].embeds) and a.images[0].grid_thw == b.images[0].grid_thw
+
+
+def poll_until_done(*parts, timeout=20):
+    end = time.monotonic() + timeout
+    while not all(p.poll().done for p in parts):
+        assert time.monotonic() < end
+        time.sleep(0.001)
+
+
+def test_fake_success_path_and_ack():
+    Sender, Receiver = backend("fake")
+    p = payload()
+    sender = Sender(p)
+    assert sender.poll() is S.BOOTSTRAPPING
+    rx = Receiver(sender.start())
+    assert sender.poll() is S.TRANSFERRING
+    with pytest.raises(TransferError):
+        rx.payload()
+    assert rx.poll() is S.SUCCESS
+    assert sender.poll() is S.TRANSFERRING, "the sender waits for the receiver's verdict"
+    sender.ack(True)
+    assert sender.poll() is S.SUCCESS
+    assert_same(rx.payload(), p)
+
+
+def test_fake_injected_failure_and_timeouts():
+    Sender, Receiver = backend("fake")
+    sender = Sender(payload(), fail=True)
+    rx = Receiver(sender.start())
+    assert rx.poll() is S.FAILED and rx.error == "injected failure"
+    sender.ack(False, rx.error)
+    assert sender.poll() is S.FAILED
+    lonely = Receiver("never-sent", timeout_s=0.01)
+    time.sleep(0.02)
+    assert lonely.poll() is S.FAILED and lonely.error == "timed out"
+    unacked = Sender(payload(), timeout_s=0.01)
+    unacked.start()
+    time.sleep(0.02)
+    assert unacked.poll() is S.FAILED
+
+
+def test_payload_survives_bytes_round_trip():
+    p = payload()
+    assert_same(KVPayload.from_bytes(p.to_bytes()), p)
+
+
+def test_objectstore_between_processes(ray_local):
+    import ray
+    Sender, _ = backend("objectstore")
+    p = payload(n=64)
+    sender = Sender(p)
+    ticket = sender.start()
+
+    @ray.remote
+    def receive(ticket):
+        from decoders.kv_transfer import backend as b
+        rx = b("objectstore")[1](ticket)
+        got = rx.wait()
+        return got.kv.sum().item(), got.token_ids, rx.state.value
+
+    total, tokens, state = ray.get(receive.remote(ticket))
+    assert state == "success" and tokens == p.token_ids and abs(total - p.kv.sum().item()) < 1e-3
+    sender.ack(True)
+    assert sender.poll() is S.SUCCESS
+
+
+def _collective_receiver(ticket, out):
+    from decoders.kv_transfer import backend as b
+    rx = b("collective")[1](ticket)
+    got = rx.wait()
+    out.put((got.kv.tolist(), got.token_ids))
+
+
+def test_collective_gloo_between_processes():
+    Sender, _ = backend("collective")
+    p = payload(n=32)
+    sender = Sender(p)
+    ticket = sender.start()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_collective_receiver, args=(ticket, out))
+    proc.start()
+    kv, tokens = out.get(timeout=60)
+    proc.join(timeout=30)
+    assert torch.equal(torch.tensor(kv), p.kv) and tokens == p.token_ids
+    assert sender.poll() is S.TRANSFERRING
+    sender.ack(True)
+    assert sender.poll() is S.SUCCESS
