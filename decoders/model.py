@@ -181,6 +181,7 @@ class LoadedModel:
     image_token_id: int | None
     eos_token_ids: tuple[int, ...]
     vision_only: bool = False
+    max_model_len: int = 4096
 
     def __post_init__(self):
         if self.family not in _VISION_PARTS and self.family != "text":
@@ -222,7 +223,10 @@ _LEGACY_PREFIX = {"llava": {"vision_tower.": "model.vision_tower.",
                   "qwen2_vl": {"visual.": "model.visual."}}
 
 
-def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_only=False) -> LoadedModel:
+def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_only=False,
+               frontend_only=False) -> LoadedModel:
+    """frontend_only: tokenizer + processor and no weights at all (what an ingress needs to
+    validate and tokenize requests); vision_only: plus the vision tower and projector."""
     path = ensure_preset(name_or_path, cache_dir) if name_or_path in _SPECS else Path(name_or_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint dir")
@@ -234,13 +238,13 @@ def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_on
     if family == "text":
         if vision_only:
             raise ValueError("vision_only needs a multimodal checkpoint")
-        model, processor = AutoModelForCausalLM.from_pretrained(path, dtype=dtype), None
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor, tokenizer = None, AutoTokenizer.from_pretrained(path)
+        model = None if frontend_only else AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         # one processor class per family, whatever the checkpoint names (we never process video)
         processor = (ImageOnlyQwen2VLProcessor if family == "qwen2_vl" else AutoProcessor).from_pretrained(path)
         tokenizer = processor.tokenizer
-        model = (_load_vision_only(path, config, family, dtype) if vision_only
+        model = (None if frontend_only else _load_vision_only(path, config, family, dtype) if vision_only
                  else AutoModelForImageTextToText.from_pretrained(path, dtype=dtype))
     try:  # generation_config.json is what generate() stops on; fall back to the model config
         eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -248,9 +252,10 @@ def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_on
         eos = config.get_text_config().eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id not in eos + [None] else []
-    return LoadedModel(model=model.eval(), tokenizer=tokenizer, processor=processor, family=family, path=path,
-                       image_token_id=None if family == "text" else config.image_token_id,
-                       eos_token_ids=tuple(eos), vision_only=vision_only)
+    return LoadedModel(model=model.eval() if model is not None else None, tokenizer=tokenizer, processor=processor,
+                       family=family, path=path, image_token_id=None if family == "text" else config.image_token_id,
+                       eos_token_ids=tuple(eos), vision_only=vision_only or frontend_only,
+                       max_model_len=getattr(config.get_text_config(), "max_position_embeddings", 4096))
 
 
 def _load_vision_only(path: Path, config, family: str, dtype) -> nn.Module:

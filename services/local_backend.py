@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 
 from services.api_inputs import Limits, prepare
-from services.api_types import GenerateDelta, GenerateRequest, Timings, Usage
+from services.api_types import GenerateRequest
 from services.backend import BackendStats
-from services.detokenize import IncrementalDetokenizer
 from services.errors import ErrorCode, TrisectError, invalid
+from services.response import ResponseBuilder
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps before re-checking for shutdown
@@ -40,11 +40,7 @@ class _Live:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     arrival: float = field(default_factory=time.perf_counter)
-    detok: IncrementalDetokenizer | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    last_token_at: float | None = None
+    response: ResponseBuilder | None = None
     in_engine: bool = False
 
     def push(self, item) -> None:
@@ -101,8 +97,8 @@ class LocalBackend:
             prepared, images = await live.loop.run_in_executor(self._prep, self._prepare, req)
             if self._expired(req):
                 raise _deadline()
-            live.prompt_tokens = len(prepared.token_ids)
-            live.detok = IncrementalDetokenizer(self.loaded.tokenizer, prepared.token_ids, req.stop)
+            live.response = ResponseBuilder(req.request_id, self.loaded.tokenizer, prepared.token_ids,
+                                            req.stop, live.arrival)
             self._commands.put(("add", live, prepared.token_ids, images))
             while True:
                 item = await live.out.get()
@@ -251,36 +247,13 @@ class LocalBackend:
         live = self._live.get(out.request_id)
         if live is None:
             return  # aborted while this step ran
-        now = time.perf_counter()
-        if out.new_token_ids:
-            live.first_token_at = live.first_token_at or now
-            live.last_token_at = now
-            live.completion_tokens += len(out.new_token_ids)
-        text = live.detok.add(out.new_token_ids)
-        finish = None
-        if live.detok.stopped:  # a stop string ended the text before the engine noticed
-            if not out.finished:
-                self.engine.abort(out.request_id)
-            finish = "stop"
-        elif out.finished:
-            text += live.detok.flush()
-            finish = "length" if out.finish_reason == "length" else "stop"
-        if finish is None:
-            live.push(GenerateDelta(out.request_id, tuple(out.new_token_ids), text))
-            return
-        with self._lock:
-            self._live.pop(out.request_id, None)
-        live.push(GenerateDelta(out.request_id, tuple(out.new_token_ids), text, finish,
-                                Usage(live.prompt_tokens, live.completion_tokens),
-                                self._timings(live)))
-
-    @staticmethod
-    def _timings(live: _Live) -> Timings:
-        first = live.first_token_at or time.perf_counter()
-        ttft = (first - live.arrival) * 1e3
-        gaps = live.completion_tokens - 1
-        tpot = ((live.last_token_at - first) * 1e3 / gaps) if gaps > 0 else 0.0
-        return Timings(ttft_ms=ttft, tpot_ms=tpot)
+        delta = live.response.add(out.new_token_ids, out.finish_reason)
+        if live.response.stopped_early:
+            self.engine.abort(out.request_id)
+        if delta.finish_reason is not None:
+            with self._lock:
+                self._live.pop(out.request_id, None)
+        live.push(delta)
 
 
 def _deadline() -> TrisectError:

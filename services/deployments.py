@@ -1,0 +1,144 @@
+"""The stage replicas: EncodeServer, and LLMServer — one engine class for prefill, decode and
+aggregated, parameterised by role. app.py wraps them in `serve.deployment` with per-pool
+resources and autoscaling; here they are plain classes so they can also run in-process.
+
+LLMServer's life per request, by role:
+  aggregated  `generate` → encode images (if pixels given) → engine streams every token
+  prefill     `prefill`  → encode (pd mode) or take embeddings (epd) → first token → KV into a
+              sender, blocks held → returns the ticket; `release(ok)` once the decode side has
+              it (or failed) frees the blocks; a reaper frees them if no verdict ever comes
+  decode      `decode`   → receiver polled (never blocking the engine) → import_kv → stream tokens;
+              a failed transfer is reported in-band so the orchestrator re-prefills
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+_REAP_INTERVAL_S = 1.0
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:                              # outside a Serve replica (tests, in-process)
+        return f"local-{os.getpid()}"
+
+
+def _set_threads(threads: int | None) -> None:
+    # Ray sets OMP_NUM_THREADS=1 in workers; torch would then run single-threaded
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+
+
+class EncodeServer:
+    def __init__(self, model: str, cache_bytes: int = 256 * 2**20, threads: int | None = None,
+                 cache_dir: str | None = None):
+        from encoders.worker import EncoderWorker
+        _set_threads(threads)
+        self.worker = EncoderWorker(model, cache_bytes=cache_bytes, cache_dir=cache_dir)
+        self.instance_id = _replica_id()
+
+    async def encode(self, items: list) -> list:
+        """items: [(content_hash, pixel_inputs)] → ImageEmbedding per item, in order."""
+        return await asyncio.to_thread(self.worker.encode, items)
+
+    def stats(self) -> dict:
+        return {"instance_id": self.instance_id, "role": "encode", "parameters": self.worker.num_parameters(),
+                **self.worker.stats()}
+
+
+class LLMServer:
+    def __init__(self, model: str, role: str, engine: dict | None = None, transfer: str = "objectstore",
+                 threads: int | None = None, cache_dir: str | None = None):
+        from decoders.config import EngineConfig
+        from decoders.engine import Engine
+        from decoders.kv_transfer import backend
+        from decoders.model import load_model
+        from services.engine_loop import EngineLoop
+        _set_threads(threads)
+        self.role = role
+        self.loaded = load_model(model, cache_dir=cache_dir)
+        self.engine = Engine(self.loaded, EngineConfig(**(engine or {}), role=role))
+        self.loop = EngineLoop(self.engine)
+        self.vision = None
+        if self.loaded.family != "text":
+            from encoders.vision import VisionEncoder
+            self.vision = VisionEncoder(self.loaded)
+        self.sender_cls, self.receiver_cls = backend(transfer)
+        self.senders: dict = {}
+        self.instance_id = _replica_id()
+        self._reaper: asyncio.Task | None = None
+
+    async def _images(self, images, pixels) -> list:
+        if images is not None:
+            return list(images)
+        if not pixels:
+            return []
+        embeds = await asyncio.to_thread(self.vision.encode, [p for _, p in pixels])
+        for emb, (content_hash, _) in zip(embeds, pixels):
+            emb.content_hash = content_hash
+        return embeds
+
+    def _start(self, rid, token_ids, sampling, images):
+        return lambda e: e.add_request(rid, token_ids, sampling, images=images)
+
+    async def generate(self, rid: str, token_ids: list[int], sampling, images=None, pixels=None):
+        imgs = await self._images(images, pixels)
+        async for out in self.loop.stream(rid, self._start(rid, token_ids, sampling, imgs)):
+            yield {"tokens": out.new_token_ids, "finish_reason": out.finish_reason}
+
+    async def prefill(self, rid: str, token_ids: list[int], sampling, images=None, pixels=None) -> dict:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        imgs = await self._images(images, pixels)
+        async for out in self.loop.stream(rid, self._start(rid, token_ids, sampling, imgs)):
+            if out.kv is None:                       # finished at its first token: nothing to hand over
+                return {"tokens": out.new_token_ids, "finish_reason": out.finish_reason, "ticket": None}
+            sender = self.sender_cls(out.kv)
+            self.senders[rid] = sender
+            return {"tokens": out.new_token_ids, "finish_reason": None, "ticket": sender.start(),
+                    "prefill_instance": self.instance_id}
+        raise RuntimeError(f"prefill of {rid} produced no output")
+
+    async def release(self, rid: str, ok: bool, reason: str = "") -> None:
+        sender = self.senders.pop(rid, None)
+        if sender is not None:
+            sender.ack(ok, reason or "decode side failed")
+        await self.loop.run(lambda e: e.release(rid))
+
+    async def _reap(self) -> None:
+        """Free blocks of transfers nobody will ever ack (orchestrator died): the sender timed out."""
+        while True:
+            await asyncio.sleep(_REAP_INTERVAL_S)
+            for rid, sender in list(self.senders.items()):
+                if sender.poll().done:
+                    log.warning("KV transfer of %s ended %s (%s); freeing its blocks", rid,
+                                sender.state.value, sender.error)
+                    await self.release(rid, sender.state.value == "success")
+
+    async def decode(self, rid: str, ticket):
+        rx = self.receiver_cls(ticket)
+        while not rx.poll().done:
+            await asyncio.sleep(0.0005)
+        if rx.state.value != "success":
+            yield {"transfer_failed": rx.error or "transfer failed"}
+            return
+        payload = rx.payload()
+        yield {"imported": True, "decode_instance": self.instance_id}
+        async for out in self.loop.stream(rid, lambda e: e.import_kv(payload)):
+            yield {"tokens": out.new_token_ids, "finish_reason": out.finish_reason}
+
+    async def stats(self) -> dict:
+        def read(e):
+            bm = e.block_manager
+            return {"free_blocks": bm.num_free_blocks, "total_blocks": bm.num_usable_blocks,
+                    "waiting": len(e.scheduler.waiting), "running": len(e.scheduler.running),
+                    "handovers": len(e.handovers), "prefix_hits": bm.prefix_hits}
+        return {"instance_id": self.instance_id, "role": self.role, "senders": len(self.senders),
+                "time": time.time(), **(await self.loop.run(read))}

@@ -1,0 +1,123 @@
+"""EngineLoop: one thread owns an Engine; any event loop submits work and awaits its outputs.
+
+The engine is single-threaded by design, so every touch of it — add, import, abort, release,
+stats — is a command queued to its thread. Life of a stream: `stream(rid, start)` registers an
+asyncio queue for `rid` and queues `start` (e.g. `lambda e: e.add_request(...)`); the thread runs
+it, then keeps stepping while work is pending and pushes each StepOutput for `rid` back to the
+caller's loop. If `start` raises (the engine's admission checks), that exception ends the stream.
+A consumer that stops early (cancel, disconnect) queues an abort, so its KV blocks are freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Callable
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.5
+
+
+class EngineLoop:
+    def __init__(self, engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trisect-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side ---------------------------------------------------------------------------
+    def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the engine thread; the future holds its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        return fut
+
+    async def run(self, fn: Callable[[Any], Any]):
+        return await asyncio.wrap_future(self.call(fn))
+
+    async def stream(self, request_id: str, start: Callable[[Any], Any]) -> AsyncIterator:
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already streaming here")
+        out: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), out)
+        finished = False
+        try:
+            self._commands.put(("start", request_id, start))
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("call", lambda e: e.abort(request_id), None))
+
+    def close(self) -> None:
+        self._closed.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout=10)
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._push(out.request_id, out)
+            except Exception as e:     # a bug must not kill the loop: fail what is in flight, go on
+                log.exception("engine step failed; failing every request in the engine")
+                for rid in list(self.engine.seqs):
+                    self.engine.abort(rid)
+                    self._push(rid, RuntimeError(f"engine error: {e}"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "start":
+            _, rid, start = cmd
+            if rid not in self._streams:
+                return                         # the consumer left before the engine saw it
+            try:
+                start(self.engine)
+            except Exception as e:
+                self._push(rid, e)
+        elif kind == "call":
+            _, fn, fut = cmd
+            try:
+                result = fn(self.engine)
+                if fut is not None:
+                    fut.set_result(result)
+            except Exception as e:
+                if fut is not None:
+                    fut.set_exception(e)
+
+    def _push(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is None:
+            return
+        loop, out = target
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+        except RuntimeError:                   # the consumer's loop is gone
+            pass
