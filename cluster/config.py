@@ -1,0 +1,96 @@
+"""ClusterConfig: what to serve and how the three stages are laid out — from YAML or CLI flags.
+
+One object drives `services.app.build_app`; the same YAML is what a RayService's `serveConfigV2`
+passes as application args on Kubernetes. Stage replicas either are fixed (`replicas`) or
+autoscale (`min_replicas`..`max_replicas` on `target_ongoing_requests`), each on its own pool.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+MODES = ("aggregated", "pd", "epd")
+STAGES = ("ingress", "encode", "prefill", "decode", "aggregated")
+POOL_OF = {"encode": "encode_pool", "prefill": "prefill_pool", "decode": "decode_pool",
+           "aggregated": "prefill_pool", "ingress": None}
+
+
+@dataclass(slots=True)
+class StageConfig:
+    replicas: int = 1
+    min_replicas: int | None = None        # set both min and max to autoscale
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 4.0
+    num_cpus: float = 0.0                  # pools, not CPUs, decide placement
+    num_gpus: float = 0.0
+    threads: int | None = None             # torch threads inside the replica
+
+    def __post_init__(self):
+        if self.replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("set both min_replicas and max_replicas to autoscale, or neither")
+        if self.min_replicas is not None and not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("need 0 <= min_replicas <= max_replicas")
+        if self.target_ongoing_requests <= 0 or self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("target_ongoing_requests must be > 0; num_cpus/num_gpus >= 0")
+
+    @property
+    def autoscaling(self) -> dict | None:
+        if self.min_replicas is None:
+            return None
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests}
+
+
+@dataclass(slots=True)
+class ClusterConfig:
+    model: str = "tiny-llava"
+    mode: str = "epd"
+    transfer: str = "objectstore"
+    cache_dir: str | None = None
+    block_size: int = 16
+    kv_cache_memory_mib: int = 256
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_encoders_per_request: int = 2
+    encoder_cache_mib: int = 256
+    redis_url: str | None = None
+    api_keys: list[str] = field(default_factory=list)
+    grpc_port: int | None = 50051          # served by the ingress replica (None: HTTP only)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        unknown = set(self.stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stages {sorted(unknown)}; known: {STAGES}")
+        self.stages = {name: s if isinstance(s, StageConfig) else StageConfig(**s) for name, s in self.stages.items()}
+        for name in self.stage_names():
+            self.stages.setdefault(name, StageConfig())
+
+    def stage_names(self) -> tuple[str, ...]:
+        return {"aggregated": ("ingress", "aggregated"), "pd": ("ingress", "prefill", "decode"),
+                "epd": ("ingress", "encode", "prefill", "decode")}[self.mode]
+
+    def engine(self) -> dict:
+        return {"block_size": self.block_size, "kv_cache_memory": self.kv_cache_memory_mib * 2**20,
+                "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClusterConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "ClusterConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,77 @@
+"""build_app(config) → a Ray Serve application: a pure function of ClusterConfig.
+
+Usable as a RayService `import_path` (`services.app:app_builder`, args = the config dict). Each
+stage becomes one deployment placed on its pool by a custom resource (`encode_pool`,
+`prefill_pool`, `decode_pool`) with its own fixed replica count or autoscaling policy; the ingress
+deployment holds the stages' handles, runs the orchestrator, serves OpenAI-compatible HTTP through
+Serve's proxy and gRPC on `grpc_port` from inside the replica.
+"""
+from __future__ import annotations
+
+from ray import serve
+
+from cluster.config import POOL_OF, ClusterConfig, StageConfig
+from services.deployments import EncodeServer, LLMServer
+
+_MAX_ONGOING = {"ingress": 1024, "encode": 64, "prefill": 128, "decode": 256, "aggregated": 256}
+
+
+def stage_options(name: str, stage: StageConfig) -> dict:
+    pool = POOL_OF[name]
+    opts = {"name": name.capitalize() + ("Server" if name != "ingress" else ""),
+            "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus,
+                                  "resources": {pool: 1} if pool else {}},
+            "max_ongoing_requests": _MAX_ONGOING[name]}
+    if stage.autoscaling:
+        opts["autoscaling_config"] = stage.autoscaling
+    else:
+        opts["num_replicas"] = stage.replicas
+    return opts
+
+
+@serve.ingress()
+class Ingress:
+    async def __init__(self, config: dict, aggregated=None, encode=None, prefill=None, decode=None):
+        from decoders.model import load_model
+        from services.api_metrics import ApiMetrics
+        from services.auth import ApiKeys
+        from services.cluster_backend import ClusterBackend
+        from services.orchestrator import Orchestrator, StageClient, Stages
+
+        cfg = ClusterConfig.from_dict(config)
+        handles = {"aggregated": aggregated, "encode": encode, "prefill": prefill, "decode": decode}
+        stages = Stages(**{k: StageClient(h, is_handle=True) for k, h in handles.items() if h is not None})
+        frontend = load_model(cfg.model, cache_dir=cfg.cache_dir, frontend_only=True)
+        orchestrator = Orchestrator(cfg.mode, stages, cfg.max_encoders_per_request)
+        self.backend = ClusterBackend(frontend, orchestrator, cfg.model)
+        self.auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
+        self.metrics = ApiMetrics(self.backend)
+        self.grpc = None
+        if cfg.grpc_port is not None:
+            from services.grpc_ingress import start_grpc_server
+            self.grpc = await start_grpc_server(self.backend, f"0.0.0.0:{cfg.grpc_port}", self.auth, self.metrics)
+
+    def __serve_build_asgi_app__(self):
+        from services.http_ingress import build_http_app
+        return build_http_app(self.backend, self.auth, self.metrics)
+
+
+def build_app(config: ClusterConfig) -> serve.Application:
+    engine = config.engine()
+    common = {"cache_dir": config.cache_dir}
+    bound = {}
+    for name in config.stage_names():
+        stage = config.stages[name]
+        if name == "encode":
+            d = serve.deployment(EncodeServer).options(**stage_options(name, stage))
+            bound[name] = d.bind(config.model, config.encoder_cache_mib * 2**20, stage.threads, **common)
+        elif name in ("prefill", "decode", "aggregated"):
+            d = serve.deployment(LLMServer).options(**stage_options(name, stage))
+            bound[name] = d.bind(config.model, name, engine, config.transfer, stage.threads, **common)
+    ingress = serve.deployment(Ingress).options(**stage_options("ingress", config.stages["ingress"]))
+    return ingress.bind(config.to_dict(), **bound)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """RayService / `serve run` entry point: `services.app:app_builder` with the config as args."""
+    return build_app(ClusterConfig.from_dict(dict(args)))

@@ -1,0 +1,76 @@
+"""ClusterBackend: the Backend protocol over the orchestrator — what the ingress replica runs.
+
+Life of a request: admit (RESOURCE_EXHAUSTED past `max_in_flight`) → validate and tokenize with the
+checkpoint's processor (no model weights on the ingress) → content-hash each image → orchestrator
+drives E → P → D → tokens become deltas through the shared ResponseBuilder. A deadline cancels the
+orchestration; cancellation travels down the Serve handles, so every stage aborts and frees KV.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+from decoders.sampling import SamplingParams
+from services.api_inputs import Limits, prepare
+from services.api_types import GenerateRequest
+from services.backend import BackendStats
+from services.errors import ErrorCode, TrisectError, invalid
+from services.orchestrator import Orchestrator, TransferFailed
+from services.response import ResponseBuilder
+
+
+class ClusterBackend:
+    def __init__(self, frontend, orchestrator: Orchestrator, model_name: str, limits: Limits | None = None):
+        self.frontend = frontend                    # LoadedModel loaded frontend_only
+        self.orchestrator = orchestrator
+        self.name = model_name
+        self.limits = limits or Limits()
+        self._in_flight: set[str] = set()
+
+    def model_names(self) -> list[str]:
+        return [self.name]
+
+    def stats(self) -> BackendStats:
+        # engines live in other processes; their block counts are on the stage replicas' stats()
+        return BackendStats(in_flight=len(self._in_flight), waiting=0, running=0, kv_blocks_used=0,
+                            kv_blocks_total=0, max_in_flight=self.limits.max_in_flight)
+
+    async def abort(self, request_id: str) -> None:
+        pass        # streams abort by cancellation: the ingress closes the generator
+
+    async def generate(self, req: GenerateRequest):
+        if req.model and req.model != self.name:
+            raise invalid(f"model {req.model!r} is not served here; available: {self.name}", "model")
+        self._admit(req.request_id)
+        try:
+            prepared = await asyncio.to_thread(prepare, self.frontend, req, self.limits, self.frontend.max_model_len)
+            pixels = [(hashlib.sha256(data).hexdigest(), p) for data, p in zip(req.images, prepared.pixel_inputs)]
+            sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                      top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
+            response = ResponseBuilder(req.request_id, self.frontend.tokenizer, prepared.token_ids, req.stop)
+            stream = self.orchestrator.run(req.request_id, prepared.token_ids, sampling, pixels)
+            timeout = None if req.deadline is None else max(0.0, req.deadline - time.time())
+            async with asyncio.timeout(timeout):
+                async for item in stream:
+                    delta = response.add(item["tokens"], item["finish_reason"])
+                    yield delta
+                    if response.finished:
+                        return
+        except TimeoutError:
+            raise TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
+                               "it was aborted on every stage") from None
+        except TransferFailed as e:
+            raise TrisectError(ErrorCode.UNAVAILABLE, f"KV transfer kept failing: {e}") from None
+        except ValueError as e:                        # an engine's admission checks
+            raise invalid(str(e), "messages") from None
+        finally:
+            self._in_flight.discard(req.request_id)
+
+    def _admit(self, rid: str) -> None:
+        if rid in self._in_flight:
+            raise invalid(f"request_id {rid!r} is already in flight", "request_id")
+        if len(self._in_flight) >= self.limits.max_in_flight:
+            raise TrisectError(ErrorCode.RESOURCE_EXHAUSTED, f"server busy: {len(self._in_flight)} requests in "
+                               f"flight (limit {self.limits.max_in_flight}); retry later")
+        self._in_flight.add(rid)

@@ -1,0 +1,30 @@
+"""A private local Ray + Serve for the cluster tests: its own temp dir, the three pools as
+logical resources (placement by pool is real on one box), HTTP proxy on a free loopback port."""
+import shutil
+import socket
+import tempfile
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_cluster():
+    import ray
+    from ray import serve
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")   # short: Ray's socket paths are length-limited
+    port = free_port()
+    ray.init(num_cpus=2, resources={"encode_pool": 8, "prefill_pool": 8, "decode_pool": 8}, _temp_dir=tmp,
+             include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
