@@ -64,7 +64,7 @@ class Engine:
         if payload.generator_state is not None and seq.generator is not None:
             seq.generator.set_state(payload.generator_state)
         self._admit(seq)
-        if self.block_manager.can_allocate(seq) and len(self.scheduler.running) < self.config.max_num_seqs:
+        if self.block_manager.can_append(seq, len(seq)) and len(self.scheduler.running) < self.config.max_num_seqs:
             self.block_manager.ensure_slots(seq, len(seq))
             self.runner.pool.write(self.runner.pool.slots(seq.block_table, 0, payload.num_computed_tokens), payload.kv)
             seq.num_computed_tokens = payload.num_computed_tokens

@@ -1,0 +1,94 @@
+"""The orchestrator over in-process stage servers (no Ray): transfer failures re-prefill to the
+same tokens, and after many requests no KV block is held on either side."""
+import asyncio
+import hashlib
+import itertools
+
+import pytest
+
+from decoders.kv_transfer.fake import FakeSender
+from decoders.model import prepare_prompt
+from decoders.sampling import SamplingParams
+from services.deployments import LLMServer
+from services.orchestrator import Orchestrator, StageClient, Stages, TransferFailed
+from tests.reference import hf_greedy
+
+ENGINE = {"block_size": 8, "kv_cache_memory": 16 * 2**20}
+
+
+class FlakySender(FakeSender):
+    """Fails the first `failures` transfers it is asked to make, as a broken link would."""
+    failures = itertools.count()
+    budget = 0
+
+    def __init__(self, payload, timeout_s: float = 30.0):
+        super().__init__(payload, timeout_s, fail=next(FlakySender.failures) < FlakySender.budget)
+
+
+@pytest.fixture(scope="module")
+def servers(trisect_cache):
+    prefill = LLMServer("tiny-llava", "prefill", ENGINE, transfer="fake", cache_dir=str(trisect_cache))
+    decode = LLMServer("tiny-llava", "decode", ENGINE, transfer="fake", cache_dir=str(trisect_cache))
+    yield prefill, decode
+    prefill.loop.close()
+    decode.loop.close()
+
+
+def orchestrator(prefill, decode, retries=2):
+    return Orchestrator("pd", Stages(prefill=StageClient(prefill, is_handle=False),
+                                     decode=StageClient(decode, is_handle=False)), max_retries=retries)
+
+
+async def collect(orch, rid, loaded, text, images, n):
+    prepared = prepare_prompt(loaded, text, images)
+    pixels = [(hashlib.sha256(i.tobytes()).hexdigest(), p) for i, p in zip(images, prepared.pixel_inputs)]
+    tokens = []
+    async for item in orch.run(rid, prepared.token_ids, SamplingParams(max_tokens=n, ignore_eos=True), pixels):
+        tokens += item["tokens"]
+    return tokens
+
+
+async def assert_nothing_held(*servers):
+    for s in servers:
+        st = await s.stats()
+        assert st["free_blocks"] == st["total_blocks"], st
+        assert st["handovers"] == 0 and st["senders"] == 0 and st["running"] == 0 and st["waiting"] == 0, st
+
+
+def test_failed_transfer_reprefills_to_identical_tokens(servers, tiny_llava, make_image):
+    prefill, decode = servers
+    prefill.sender_cls = FlakySender
+    FlakySender.failures, FlakySender.budget = itertools.count(), 1
+    orch = orchestrator(prefill, decode)
+    image = make_image(21)
+    tokens = asyncio.run(collect(orch, "flaky", tiny_llava, "what is this", [image], 12))
+    assert orch.transfer_failures == 1
+    assert tokens == hf_greedy(tiny_llava, "what is this", [image], 12)
+    asyncio.run(assert_nothing_held(prefill, decode))
+
+
+def test_transfer_that_always_fails_ends_in_an_error_and_frees(servers, tiny_llava):
+    prefill, decode = servers
+    prefill.sender_cls = FlakySender
+    FlakySender.failures, FlakySender.budget = itertools.count(), 99
+    orch = orchestrator(prefill, decode, retries=1)
+    with pytest.raises(TransferFailed):
+        asyncio.run(collect(orch, "doomed", tiny_llava, "hello", [], 8))
+    assert orch.transfer_failures == 2
+    asyncio.run(assert_nothing_held(prefill, decode))
+
+
+def test_fifty_requests_leave_no_block_held(servers, tiny_llava, make_image):
+    prefill, decode = servers
+    prefill.sender_cls = FakeSender
+    orch = orchestrator(prefill, decode)
+    images = [make_image(30 + i) for i in range(3)]
+
+    async def main():
+        jobs = [collect(orch, f"r{i}", tiny_llava, f"request number {i}", images[: i % 3], 6) for i in range(50)]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(main())
+    assert all(len(t) == 6 for t in results)
+    assert results[4] == hf_greedy(tiny_llava, "request number 4", images[:1], 6)
+    asyncio.run(assert_nothing_held(prefill, decode))
