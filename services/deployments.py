@@ -31,6 +31,14 @@ def _replica_id() -> str:
         return f"local-{os.getpid()}"
 
 
+def _assigned_resources() -> dict:
+    try:
+        import ray
+        return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:
+        return {}
+
+
 def _set_threads(threads: int | None) -> None:
     # Ray sets OMP_NUM_THREADS=1 in workers; torch would then run single-threaded
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
@@ -50,7 +58,7 @@ class EncodeServer:
 
     def stats(self) -> dict:
         return {"instance_id": self.instance_id, "role": "encode", "parameters": self.worker.num_parameters(),
-                **self.worker.stats()}
+                "resources": _assigned_resources(), **self.worker.stats()}
 
 
 class LLMServer:
@@ -141,4 +149,4 @@ class LLMServer:
                     "waiting": len(e.scheduler.waiting), "running": len(e.scheduler.running),
                     "handovers": len(e.handovers), "prefix_hits": bm.prefix_hits}
         return {"instance_id": self.instance_id, "role": self.role, "senders": len(self.senders),
-                "time": time.time(), **(await self.loop.run(read))}
+                "resources": _assigned_resources(), "time": time.time(), **(await self.loop.run(read))}

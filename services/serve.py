@@ -1,42 +1,91 @@
 """`trisect serve`: bring up the serving stack and keep it up until interrupted.
 
-`--mode aggregated` (the default until the Ray Serve deployments land) runs one in-process engine
-behind the gRPC and OpenAI-compatible HTTP ingresses: model load → engine thread → both servers
-listening → Ctrl-C / SIGTERM → health flips to NOT_SERVING, in-flight streams drain, exit.
+Cluster modes (`aggregated`, `pd`, `epd` — default `epd`): start a local Ray head whose logical
+resources `encode_pool` / `prefill_pool` / `decode_pool` make placement by pool real on one box
+(or join `RAY_ADDRESS`), deploy `build_app(config)` on Ray Serve — HTTP through Serve's proxy,
+gRPC from the ingress replica — and wait for Ctrl-C / SIGTERM, then shut Serve and Ray down.
+`--mode local` skips Ray: one in-process engine behind the same gRPC and HTTP ingresses.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
+import tempfile
+import threading
 
-from decoders.config import EngineConfig
+from cluster.config import ClusterConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="trisect serve", description="serve a multimodal model")
-    ap.add_argument("--model", default="tiny-llava", help="preset name or path of a local HF checkpoint")
-    ap.add_argument("--mode", default="aggregated", choices=["aggregated"])
+    ap.add_argument("--config", help="YAML ClusterConfig; flags given explicitly override it")
+    ap.add_argument("--model", help="preset name (tiny-llava, tiny-qwen2-vl) or a local HF checkpoint dir")
+    ap.add_argument("--mode", choices=["aggregated", "pd", "epd", "local"])
+    ap.add_argument("--encoders", type=int, help="encode replicas (epd)")
+    ap.add_argument("--prefills", type=int, help="prefill replicas (pd, epd)")
+    ap.add_argument("--decoders", type=int, help="decode replicas (pd, epd)")
+    ap.add_argument("--transfer", choices=["objectstore", "collective", "fake"])
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--grpc-port", type=int, default=50051)
     ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--kv-cache-memory", type=int, default=256, help="MiB of KV cache per engine")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--api-keys", default=None, help="comma-separated API keys (env TRISECT_API_KEYS)")
+    ap.add_argument("--grpc-port", type=int)
+    ap.add_argument("--kv-cache-memory", type=int, help="MiB of KV cache per engine")
+    ap.add_argument("--redis-url", help="an existing Redis; without it a private redis-server is started")
+    ap.add_argument("--api-keys", help="comma-separated API keys (env TRISECT_API_KEYS)")
     return ap.parse_args(argv)
 
 
-def engine_config(args: argparse.Namespace, role: str = "aggregated") -> EngineConfig:
-    return EngineConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory * 2**20,
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        role=role)
+def build_config(args: argparse.Namespace) -> ClusterConfig:
+    base = ClusterConfig.from_yaml(args.config).to_dict() if args.config else {"mode": "epd"}
+    flags = {"model": args.model, "mode": None if args.mode == "local" else args.mode, "transfer": args.transfer,
+             "grpc_port": args.grpc_port, "kv_cache_memory_mib": args.kv_cache_memory, "redis_url": args.redis_url,
+             "api_keys": args.api_keys.split(",") if args.api_keys else None}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    stages = base.setdefault("stages", {})
+    for stage, n in (("encode", args.encoders), ("prefill", args.prefills), ("decode", args.decoders)):
+        if n is not None:
+            stages[stage] = {**stages.get(stage, {}), "replicas": n}
+    return ClusterConfig.from_dict(base)
 
 
-async def serve_aggregated(args: argparse.Namespace) -> None:
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def serve_cluster(cfg: ClusterConfig, host: str, http_port: int) -> None:
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        pools = {p: 64 for p in ("encode_pool", "prefill_pool", "decode_pool")}
+        ray.init(resources=pools, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    try:
+        serve.start(http_options={"host": host, "port": http_port})
+        print(f"deploying {cfg.model} in {cfg.mode} mode: "
+              + ", ".join(f"{n}={s.replicas if not s.autoscaling else s.autoscaling}"
+                          for n, s in cfg.stages.items() if n in cfg.stage_names()), flush=True)
+        serve.run(build_app(cfg), name="trisect", route_prefix="/")
+        grpc = f"gRPC {host}:{cfg.grpc_port}  " if cfg.grpc_port else ""
+        print(f"trisect serving {cfg.model} ({cfg.mode}): {grpc}HTTP http://{host}:{http_port}/v1", flush=True)
+        _wait_for_signal()
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def serve_local(cfg: ClusterConfig, host: str, http_port: int) -> None:
     import uvicorn
 
+    from decoders.config import EngineConfig
     from decoders.model import load_model
     from services.api_metrics import ApiMetrics
     from services.auth import ApiKeys
@@ -44,21 +93,21 @@ async def serve_aggregated(args: argparse.Namespace) -> None:
     from services.http_ingress import build_http_app
     from services.local_backend import LocalBackend
 
-    auth = ApiKeys(args.api_keys.split(",")) if args.api_keys else ApiKeys.from_env()
-    print(f"loading {args.model} ...", flush=True)
-    backend = LocalBackend(load_model(args.model), engine_config(args), model_name=args.model)
+    auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
+    print(f"loading {cfg.model} ...", flush=True)
+    backend = LocalBackend(load_model(cfg.model, cache_dir=cfg.cache_dir), EngineConfig(**cfg.engine()),
+                           model_name=cfg.model)
     metrics = ApiMetrics(backend)
-    grpc_server = await start_grpc_server(backend, f"{args.host}:{args.grpc_port}", auth, metrics)
-    http = uvicorn.Server(uvicorn.Config(build_http_app(backend, auth, metrics), host=args.host,
-                                         port=args.http_port, log_level="warning"))
+    grpc_server = await start_grpc_server(backend, f"{host}:{cfg.grpc_port or 50051}", auth, metrics)
+    http = uvicorn.Server(uvicorn.Config(build_http_app(backend, auth, metrics), host=host, port=http_port,
+                                         log_level="warning"))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     http_task = asyncio.create_task(http.serve())
-    print(f"trisect serving {args.model} ({args.mode}): gRPC {args.host}:{grpc_server.port}  "
-          f"HTTP http://{args.host}:{args.http_port}/v1", flush=True)
+    print(f"trisect serving {cfg.model} (local): gRPC {host}:{grpc_server.port}  HTTP http://{host}:{http_port}/v1",
+          flush=True)
     await stop.wait()
-    print("shutting down: draining in-flight requests", flush=True)
     await grpc_server.stop(grace=10)
     http.should_exit = True
     await http_task
@@ -67,5 +116,12 @@ async def serve_aggregated(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    asyncio.run(serve_aggregated(args))
+    cfg = build_config(args)
+    if args.mode == "local":
+        asyncio.run(serve_local(cfg, args.host, args.http_port))
+    else:
+        serve_cluster(cfg, args.host, args.http_port)
     return 0
+
+
+

@@ -70,9 +70,17 @@ def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image
             encoders = stage_stats(app, "EncodeServer")
             assert len(encoders) == 2
             assert all(e["forwards"] > 0 for e in encoders), "3-image requests are split over both encoders"
+            full = sum(p.numel() for p in model.model.parameters())
+            vision = sum(p.numel() for n, p in model.model.named_parameters() if "language_model" not in n
+                         and "lm_head" not in n)
+            for e in encoders:
+                assert e["parameters"] == vision < 0.2 * full, "encode replicas hold no LLM weights"
+                assert e["resources"].get("encode_pool") == 1
+        pools = {"AggregatedServer": "prefill_pool", "PrefillServer": "prefill_pool", "DecodeServer": "decode_pool"}
         for stage in {"aggregated": ["AggregatedServer"], "pd": ["PrefillServer", "DecodeServer"],
                       "epd": ["PrefillServer", "DecodeServer"]}[mode]:
             for s in stage_stats(app, stage):
+                assert s["resources"].get(pools[stage]) == 1, s
                 assert s["free_blocks"] == s["total_blocks"] and s["handovers"] == 0 and s["senders"] == 0, s
     finally:
         serve.delete(app)
