@@ -4,24 +4,24 @@ Life: a Backend calls `prepare(loaded, req, limits, max_model_len)` once per req
 loop (it decodes images and runs the processor). Every failure a client can cause becomes
 TrisectError(INVALID_ARGUMENT) with a message naming the limit: undecodable or unsupported image,
 too many images, too many bytes, too many pixels (decompression bombs are refused from the header,
-before any pixel is decoded), prompt + max_tokens beyond the context. `parse_data_url` is shared by
-both ingresses: images arrive as bytes or `data:` URLs, never as paths or remote URLs.
+before any pixel is decoded; the checks themselves live in encoders.processor), prompt + max_tokens
+beyond the context. `parse_data_url` is shared by both ingresses: images arrive as bytes or `data:`
+URLs, never as paths or remote URLs.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image
 
+from encoders.processor import ImageLimits, ImageRejected
+from encoders.processor import decode_image as _decode_image
+from encoders.processor import decode_images as _decode_images
 from services.api_types import GenerateRequest
 from services.errors import invalid
-
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 @dataclass(slots=True, frozen=True)
@@ -55,38 +55,24 @@ def parse_data_url(url: str, param: str = "image_url") -> bytes:
         raise invalid("image data URL is not valid base64", param) from None
 
 
+def _image_limits(limits: Limits) -> ImageLimits:
+    return ImageLimits(max_images=limits.max_images, max_image_bytes=limits.max_image_bytes,
+                       max_image_pixels=limits.max_image_pixels)
+
+
 def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
-    if len(data) > limits.max_image_bytes:
-        raise invalid(f"image {index} is {len(data)} bytes; the limit is {limits.max_image_bytes}",
-                      "images")
+    # one implementation of image validation lives in encoders.processor; here it gets its status
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and 2x of it; we decide ourselves below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            if img.format not in ALLOWED_FORMATS:
-                raise invalid(f"image {index} has unsupported format {img.format}; allowed: "
-                              f"{', '.join(ALLOWED_FORMATS)}", "images")
-            w, h = img.size
-            if w < 1 or h < 1 or w * h > limits.max_image_pixels:
-                raise invalid(f"image {index} is {w}x{h} = {w * h} pixels; the limit is "
-                              f"{limits.max_image_pixels}", "images")
-            img.load()
-            return img.convert("RGB")
-    except Image.DecompressionBombError:
-        raise invalid(f"image {index} is a decompression bomb (too many pixels)", "images") from None
-    except Image.UnidentifiedImageError:
-        raise invalid(f"image {index} is not a recognised image file (allowed: "
-                      f"{', '.join(ALLOWED_FORMATS)})", "images") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "corrupt/truncated"
-        raise invalid(f"image {index} could not be decoded ({e})", "images") from None
+        return _decode_image(data, index, _image_limits(limits))
+    except ImageRejected as e:
+        raise invalid(str(e), "images") from None
 
 
 def decode_images(req: GenerateRequest, limits: Limits) -> list[Image.Image]:
-    if len(req.images) > limits.max_images:
-        raise invalid(f"{len(req.images)} images; at most {limits.max_images} per request",
-                      "images")
-    return [decode_image(b, i, limits) for i, b in enumerate(req.images)]
+    try:
+        return _decode_images(list(req.images), _image_limits(limits))
+    except ImageRejected as e:
+        raise invalid(str(e), "images") from None
 
 
 def check_lengths(req: GenerateRequest, prompt_tokens: int, limits: Limits,
