@@ -1,7 +1,7 @@
 """`trisect` command line: one dispatcher, each subcommand's work lives in its own module.
 
   trisect serve   [--model tiny-llava] [--grpc-port 50051] [--http-port 8000] ...
-  trisect bench   engine | router | transfer | overhead  [...]
+  trisect bench   engine | router | transfer | overhead | memory  [...]
   trisect client  [--image F] "prompt"
   trisect redis   start a private redis-server on loopback and print its URL
 """
@@ -14,6 +14,7 @@ BENCHES = {
     "router": "services.bench.router",
     "transfer": "services.bench.transfer",
     "overhead": "services.bench.overhead",
+    "memory": "services.bench.memory",
 }
 
 
