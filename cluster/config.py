@@ -57,6 +57,8 @@ class ClusterConfig:
     max_encoders_per_request: int = 2
     encoder_cache_mib: int = 256
     redis_url: str | None = None
+    rate_limit_per_s: float | None = None  # per API key, token bucket (needs Redis); None: unlimited
+    rate_limit_burst: int = 20
     api_keys: list[str] = field(default_factory=list)
     grpc_port: int | None = 50051          # served by the ingress replica (None: HTTP only)
     stages: dict[str, StageConfig] = field(default_factory=dict)

@@ -34,6 +34,19 @@ def block_hash(prev: bytes | None, token_ids: tuple[int, ...], image_hashes: tup
     return h.digest()
 
 
+def text_prefix_hashes(token_ids: list[int], block_size: int, image_token_id: int | None) -> list[bytes]:
+    """The chained hashes of a prompt's leading full blocks up to its first image placeholder —
+    what an engine's prefix cache would register for them, computed where no engine is (the
+    router). Blocks holding image tokens also need the pictures' hashes; they are left out."""
+    hashes: list[bytes] = []
+    for lo in range(0, len(token_ids) - block_size + 1, block_size):
+        tokens = tuple(token_ids[lo:lo + block_size])
+        if image_token_id is not None and image_token_id in tokens:
+            break
+        hashes.append(block_hash(hashes[-1] if hashes else None, tokens, ()))
+    return hashes
+
+
 @dataclass(slots=True)
 class BlockManager:
     num_blocks: int

@@ -9,7 +9,7 @@ The engine knows nothing of Ray, Redis or RPC; it is single-threaded — callers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None      # "stop" | "length" | "abort" | "prefilled"
     kv: KVPayload | None = None           # prefill role: the handover, on the finishing output
+    block_hashes: list[bytes] = field(default_factory=list)  # on finish: its cached blocks, for routing
 
 
 class Engine:
@@ -128,6 +129,8 @@ class Engine:
         if reason is None and self.config.role == "prefill":
             reason = "prefilled"
         out = StepOutput(seq.request_id, [token], reason is not None, reason)
+        if reason is not None:
+            out.block_hashes = list(seq.block_hashes)
         if reason == "prefilled":
             out.kv = self.export_kv(seq)
             self.scheduler.running.remove(seq)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ray import serve
 
 from cluster.config import POOL_OF, ClusterConfig, StageConfig
+from cluster.request_router import pinned_router_config
 from services.deployments import EncodeServer, LLMServer
 
 _MAX_ONGOING = {"ingress": 1024, "encode": 64, "prefill": 128, "decode": 256, "aggregated": 256}
@@ -22,6 +23,8 @@ def stage_options(name: str, stage: StageConfig) -> dict:
             "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus,
                                   "resources": {pool: 1} if pool else {}},
             "max_ongoing_requests": _MAX_ONGOING[name]}
+    if name != "ingress":               # honours the Redis router's choice of replica
+        opts["request_router_config"] = pinned_router_config()
     if stage.autoscaling:
         opts["autoscaling_config"] = stage.autoscaling
     else:
@@ -42,8 +45,21 @@ class Ingress:
         handles = {"aggregated": aggregated, "encode": encode, "prefill": prefill, "decode": decode}
         stages = Stages(**{k: StageClient(h, is_handle=True) for k, h in handles.items() if h is not None})
         frontend = load_model(cfg.model, cache_dir=cfg.cache_dir, frontend_only=True)
-        orchestrator = Orchestrator(cfg.mode, stages, cfg.max_encoders_per_request)
-        self.backend = ClusterBackend(frontend, orchestrator, cfg.model)
+        router = None
+        if cfg.redis_url:
+            from services.routing import RedisRouting
+            router = RedisRouting(cfg.redis_url, cfg.mode, cfg.block_size, frontend.image_token_id,
+                                  cfg.max_encoders_per_request)
+        orchestrator = Orchestrator(cfg.mode, stages, cfg.max_encoders_per_request, router=router)
+        limiter = journal = None
+        if cfg.redis_url:
+            from cluster.redis_store import RedisStore
+            from services.ingress_redis import Journal, RateLimiter
+            store = RedisStore(cfg.redis_url)
+            journal = Journal(store)
+            if cfg.rate_limit_per_s:
+                limiter = RateLimiter(store, cfg.rate_limit_per_s, cfg.rate_limit_burst)
+        self.backend = ClusterBackend(frontend, orchestrator, cfg.model, rate_limiter=limiter, journal=journal)
         self.auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
         self.metrics = ApiMetrics(self.backend)
         self.grpc = None
@@ -58,7 +74,7 @@ class Ingress:
 
 def build_app(config: ClusterConfig) -> serve.Application:
     engine = config.engine()
-    common = {"cache_dir": config.cache_dir}
+    common = {"cache_dir": config.cache_dir, "redis_url": config.redis_url}
     bound = {}
     for name in config.stage_names():
         stage = config.stages[name]

@@ -20,12 +20,17 @@ from services.orchestrator import Orchestrator, TransferFailed
 from services.response import ResponseBuilder
 
 
+JOURNAL_EVERY = 16
+
+
 class ClusterBackend:
-    def __init__(self, frontend, orchestrator: Orchestrator, model_name: str, limits: Limits | None = None):
+    def __init__(self, frontend, orchestrator: Orchestrator, model_name: str, limits: Limits | None = None,
+                 rate_limiter=None, journal=None):
         self.frontend = frontend                    # LoadedModel loaded frontend_only
         self.orchestrator = orchestrator
         self.name = model_name
         self.limits = limits or Limits()
+        self.rate_limiter, self.journal = rate_limiter, journal    # services/ingress_redis.py, or None
         self._in_flight: set[str] = set()
 
     def model_names(self) -> list[str]:
@@ -42,7 +47,10 @@ class ClusterBackend:
     async def generate(self, req: GenerateRequest):
         if req.model and req.model != self.name:
             raise invalid(f"model {req.model!r} is not served here; available: {self.name}", "model")
+        if self.rate_limiter is not None:
+            await self.rate_limiter.check(req.api_key)
         self._admit(req.request_id)
+        state = "failed"
         try:
             prepared = await asyncio.to_thread(prepare, self.frontend, req, self.limits, self.frontend.max_model_len)
             pixels = [(hashlib.sha256(data).hexdigest(), p) for data, p in zip(req.images, prepared.pixel_inputs)]
@@ -51,11 +59,22 @@ class ClusterBackend:
             response = ResponseBuilder(req.request_id, self.frontend.tokenizer, prepared.token_ids, req.stop)
             stream = self.orchestrator.run(req.request_id, prepared.token_ids, sampling, pixels)
             timeout = None if req.deadline is None else max(0.0, req.deadline - time.time())
+            if self.journal:
+                await self.journal.open(req.request_id, {"prompt_tokens": len(prepared.token_ids), "max_tokens":
+                                                         req.max_tokens, "images": [h for h, _ in pixels]})
+            tokens: list[int] = []
+            journaled = 0
             async with asyncio.timeout(timeout):
                 async for item in stream:
+                    tokens += item["tokens"]
+                    if self.journal and (item["finish_reason"] or len(tokens) - journaled >= JOURNAL_EVERY):
+                        # batched: one round trip per JOURNAL_EVERY tokens keeps Redis off the per-token path
+                        await self.journal.append(req.request_id, journaled, tokens[journaled:])
+                        journaled = len(tokens)
                     delta = response.add(item["tokens"], item["finish_reason"])
                     yield delta
                     if response.finished:
+                        state = "finished"
                         return
         except TimeoutError:
             raise TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
@@ -66,6 +85,8 @@ class ClusterBackend:
             raise invalid(str(e), "messages") from None
         finally:
             self._in_flight.discard(req.request_id)
+            if self.journal:
+                asyncio.ensure_future(self.journal.close(req.request_id, state))
 
     def _admit(self, rid: str) -> None:
         if rid in self._in_flight:

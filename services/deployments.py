@@ -32,11 +32,10 @@ def _replica_id() -> str:
 
 
 def _assigned_resources() -> dict:
-    try:
-        import ray
-        return dict(ray.get_runtime_context().get_assigned_resources())
-    except Exception:
+    import ray
+    if not ray.is_initialized():                   # in-process use: don't start a Ray just to ask
         return {}
+    return dict(ray.get_runtime_context().get_assigned_resources())
 
 
 def _set_threads(threads: int | None) -> None:
@@ -46,15 +45,27 @@ def _set_threads(threads: int | None) -> None:
 
 class EncodeServer:
     def __init__(self, model: str, cache_bytes: int = 256 * 2**20, threads: int | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, redis_url: str | None = None):
+        from cluster.registry import Load
         from encoders.worker import EncoderWorker
+        from services.presence import maybe_presence
         _set_threads(threads)
         self.worker = EncoderWorker(model, cache_bytes=cache_bytes, cache_dir=cache_dir)
         self.instance_id = _replica_id()
+        self.queued = 0
+        self.presence = maybe_presence(redis_url, self.instance_id, "encode", "encode_pool", 8,
+                                       lambda: Load(encode_queue=self.queued))
 
     async def encode(self, items: list) -> list:
         """items: [(content_hash, pixel_inputs)] → ImageEmbedding per item, in order."""
-        return await asyncio.to_thread(self.worker.encode, items)
+        self.queued += len(items)
+        try:
+            out = await asyncio.to_thread(self.worker.encode, items)
+        finally:
+            self.queued -= len(items)
+        if self.presence:                        # the router now prefers us for these images
+            self.presence.publish("mm", [h for h, _ in items if h])
+        return out
 
     def stats(self) -> dict:
         return {"instance_id": self.instance_id, "role": "encode", "parameters": self.worker.num_parameters(),
@@ -63,7 +74,7 @@ class EncodeServer:
 
 class LLMServer:
     def __init__(self, model: str, role: str, engine: dict | None = None, transfer: str = "objectstore",
-                 threads: int | None = None, cache_dir: str | None = None):
+                 threads: int | None = None, cache_dir: str | None = None, redis_url: str | None = None):
         from decoders.config import EngineConfig
         from decoders.engine import Engine
         from decoders.kv_transfer import backend
@@ -82,6 +93,17 @@ class LLMServer:
         self.senders: dict = {}
         self.instance_id = _replica_id()
         self._reaper: asyncio.Task | None = None
+        from services.presence import maybe_presence
+        pool = "decode_pool" if role == "decode" else "prefill_pool"
+        self.presence = maybe_presence(redis_url, self.instance_id, role, pool, self.engine.config.max_num_seqs,
+                                       self._load)
+
+    def _load(self):
+        """Read from the presence thread without the engine lock: a slightly stale figure is fine."""
+        from cluster.registry import Load
+        e, bm = self.engine, self.engine.block_manager
+        return Load(waiting=len(e.scheduler.waiting), running=len(e.scheduler.running),
+                    free_kv_blocks=bm.num_free_blocks, total_kv_blocks=bm.num_usable_blocks)
 
     async def _images(self, images, pixels) -> list:
         if images is not None:
@@ -99,6 +121,8 @@ class LLMServer:
     async def generate(self, rid: str, token_ids: list[int], sampling, images=None, pixels=None):
         imgs = await self._images(images, pixels)
         async for out in self.loop.stream(rid, self._start(rid, token_ids, sampling, imgs)):
+            if out.finished and self.presence:
+                self.presence.publish("px", [h.hex() for h in out.block_hashes])
             yield {"tokens": out.new_token_ids, "finish_reason": out.finish_reason}
 
     async def prefill(self, rid: str, token_ids: list[int], sampling, images=None, pixels=None) -> dict:
@@ -110,6 +134,8 @@ class LLMServer:
                 return {"tokens": out.new_token_ids, "finish_reason": out.finish_reason, "ticket": None}
             sender = self.sender_cls(out.kv)
             self.senders[rid] = sender
+            if self.presence:                    # the prompt's blocks stay cached here: prefix affinity
+                self.presence.publish("px", [h.hex() for h in out.block_hashes])
             return {"tokens": out.new_token_ids, "finish_reason": None, "ticket": sender.start(),
                     "prefill_instance": self.instance_id}
         raise RuntimeError(f"prefill of {rid} produced no output")

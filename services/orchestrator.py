@@ -8,13 +8,16 @@
 
 aggregated mode skips all of that: one replica runs the whole request. Stages are reached through
 `StageClient`s, so the same code drives Ray Serve handles or in-process servers (tests).
-`choose_route` is the single routing decision point; the Redis router replaces it.
+`router` (a coroutine giving a Route) is the single routing decision point: the Redis-backed
+router in cluster mode, none in tests; its replica ids are pinned through Serve's RequestRouter.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
+
+from cluster.request_router import pinned
 
 MODES = ("aggregated", "pd", "epd")
 
@@ -26,14 +29,19 @@ class StageClient:
         self.target = target
         self.is_handle = hasattr(target, "options") if is_handle is None else is_handle
 
-    async def call(self, method: str, *args):
+    def _handle(self, pin: str | None, stream: bool = False):
+        handle = self.target.options(stream=True) if stream else self.target
+        return pinned(handle, pin) if pin else handle
+
+    async def call(self, method: str, *args, pin: str | None = None):
+        """`pin`: a replica id from the router; Serve falls back to its own choice if it is gone."""
         if self.is_handle:
-            return await getattr(self.target, method).remote(*args)
+            return await getattr(self._handle(pin), method).remote(*args)
         return await getattr(self.target, method)(*args)
 
-    async def stream(self, method: str, *args) -> AsyncIterator:
+    async def stream(self, method: str, *args, pin: str | None = None) -> AsyncIterator:
         if self.is_handle:
-            gen = getattr(self.target.options(stream=True), method).remote(*args)
+            gen = getattr(self._handle(pin, stream=True), method).remote(*args)
         else:
             gen = getattr(self.target, method)(*args)
         async for item in gen:
@@ -50,8 +58,9 @@ class Stages:
 
 @dataclass(slots=True)
 class Route:
-    """Where a request goes. Empty fields mean: let Ray Serve's own balancing choose."""
-    encoders: list[str] = field(default_factory=list)
+    """Where a request goes: replica ids per image, for prefill, for decode. None / empty means:
+    let Ray Serve's own balancing choose (no router, or the registry has nobody yet)."""
+    encoders: list[str | None] = field(default_factory=list)
     prefill: str | None = None
     decode: str | None = None
 
@@ -60,8 +69,18 @@ class TransferFailed(RuntimeError):
     pass
 
 
-def choose_route(request_id: str, image_hashes: list[str]) -> Route:
-    return Route()
+def chunks_by_encoder(pixels: list, route: Route, max_parts: int) -> list[tuple[str | None, list]]:
+    """Consecutive images the router sent to one encoder travel together; without a route,
+    contiguous balanced chunks over up to `max_parts` encoders."""
+    if len(route.encoders) != len(pixels):
+        return [(None, c) for c in split_evenly(pixels, max_parts)]
+    groups: list[tuple[str | None, list]] = []
+    for pin, item in zip(route.encoders, pixels):
+        if groups and groups[-1][0] == pin:
+            groups[-1][1].append(item)
+        else:
+            groups.append((pin, [item]))
+    return groups
 
 
 def split_evenly(items: list, parts: int) -> list[list]:
@@ -83,6 +102,8 @@ class Orchestrator:
     max_encoders_per_request: int = 2
     max_retries: int = 2
     transfer_failures: int = 0
+    # (request_id, token_ids, image hashes) -> Route; None: Ray Serve balances on its own
+    router: Callable[[str, list[int], list[str]], Awaitable[Route]] | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -95,39 +116,49 @@ class Orchestrator:
 
     async def run(self, rid: str, token_ids: list[int], sampling, pixels: list) -> AsyncIterator[dict]:
         """pixels: [(content_hash, pixel_inputs)] per image. Yields {"tokens", "finish_reason"}."""
+        route = await self.route(rid, token_ids, pixels)
         if self.mode == "aggregated":
-            async for item in self.stages.aggregated.stream("generate", rid, token_ids, sampling, None, pixels):
+            async for item in self.stages.aggregated.stream("generate", rid, token_ids, sampling, None, pixels,
+                                                            pin=route.prefill):
                 yield item
             return
-        images = await self.encode(pixels) if self.mode == "epd" and pixels else None
+        images = await self.encode(pixels, route) if self.mode == "epd" and pixels else None
         first_sent = False
         for attempt in range(self.max_retries + 1):
+            if attempt:                              # re-prefill elsewhere: ask the router afresh
+                route = await self.route(rid, token_ids, pixels)
             first = await self.stages.prefill.call("prefill", rid, token_ids, sampling, images,
-                                                    None if images is not None else pixels)
+                                                    None if images is not None else pixels, pin=route.prefill)
             if not first_sent:
                 first_sent = True
                 yield {"tokens": first["tokens"], "finish_reason": first["finish_reason"]}
             if first["ticket"] is None:
                 return
             try:
-                async for item in self._decode(rid, first["ticket"]):
+                async for item in self._decode(rid, first["ticket"], route):
                     yield item
                 return
             except TransferFailed as e:
                 self.transfer_failures += 1
-                await self.stages.prefill.call("release", rid, False, str(e))
+                await self.stages.prefill.call("release", rid, False, str(e), pin=route.prefill)
                 if attempt == self.max_retries:
                     raise
 
-    async def _decode(self, rid: str, ticket) -> AsyncIterator[dict]:
+    async def route(self, rid: str, token_ids: list[int], pixels: list) -> Route:
+        if self.router is None:
+            return Route()
+        return await self.router(rid, token_ids, [h for h, _ in pixels])
+
+    async def _decode(self, rid: str, ticket, route: Route) -> AsyncIterator[dict]:
         imported = False
+        release = lambda *a: self.stages.prefill.call("release", rid, *a, pin=route.prefill)
         try:
-            async for item in self.stages.decode.stream("decode", rid, ticket):
+            async for item in self.stages.decode.stream("decode", rid, ticket, pin=route.decode):
                 if "transfer_failed" in item:
                     raise TransferFailed(item["transfer_failed"])
                 if item.get("imported"):
                     imported = True
-                    await self.stages.prefill.call("release", rid, True)
+                    await release(True)
                     continue
                 yield item
         except TransferFailed:
@@ -136,11 +167,11 @@ class Orchestrator:
             if not imported:
                 # cancelled, or the decode replica died before importing: prefill must still free.
                 # A task, not an await: a cancelled coroutine can't reliably await any more.
-                asyncio.ensure_future(self.stages.prefill.call("release", rid, False, "decode never imported"))
+                asyncio.ensure_future(release(False, "decode never imported"))
             raise
 
-    async def encode(self, pixels: list) -> list:
-        chunks = split_evenly(pixels, self.max_encoders_per_request)
-        results = await asyncio.gather(*(self.stages.encode.call("encode", chunk) for chunk in chunks))
+    async def encode(self, pixels: list, route: Route) -> list:
+        groups = chunks_by_encoder(pixels, route, self.max_encoders_per_request)
+        results = await asyncio.gather(*(self.stages.encode.call("encode", chunk, pin=pin) for pin, chunk in groups))
         return [emb for chunk in results for emb in chunk]
 
