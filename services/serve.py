@@ -119,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     if args.mode == "local":
         asyncio.run(serve_local(cfg, args.host, args.http_port))
-    else:
+        return 0
+    if cfg.redis_url:
+        serve_cluster(cfg, args.host, args.http_port)
+        return 0
+    from cluster.redis_server import RedisServer
+    with RedisServer() as redis:               # private, loopback, stopped on exit
+        print(f"started a private redis-server at {redis.url}", flush=True)
+        cfg.redis_url = redis.url
         serve_cluster(cfg, args.host, args.http_port)
     return 0
 
