@@ -12,9 +12,13 @@ from decoders.kv_payload import KVPayload
 from decoders.kv_transfer.base import KVReceiver, KVSender, TransferState
 
 
+_BF16 = "__bf16__"      # numpy has no bfloat16: such tensors travel as their int16 bit patterns
+
+
 def _to_numpy(obj):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
+        t = obj.detach().cpu()
+        return {_BF16: t.view(torch.int16).numpy()} if t.dtype == torch.bfloat16 else t.numpy()
     if isinstance(obj, dict):
         return {k: _to_numpy(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -26,6 +30,8 @@ def _to_torch(obj):
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj)       # read-only view of plasma memory: import_kv only reads it
     if isinstance(obj, dict):
+        if set(obj) == {_BF16}:
+            return torch.from_numpy(obj[_BF16]).view(torch.bfloat16)
         return {k: _to_torch(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_to_torch(v) for v in obj]

@@ -91,6 +91,14 @@ def test_objectstore_between_processes(ray_local):
     assert sender.poll() is S.SUCCESS
 
 
+def test_objectstore_carries_bfloat16_kv_bit_exact(ray_local):
+    Sender, Receiver = backend("objectstore")
+    p = payload(n=16)
+    p.kv = p.kv.to(torch.bfloat16)
+    got = Receiver(Sender(p).start()).wait()
+    assert got.kv.dtype == torch.bfloat16 and torch.equal(got.kv, p.kv)
+
+
 def _collective_receiver(ticket, out):
     from decoders.kv_transfer import backend as b
     rx = b("collective")[1](ticket)
