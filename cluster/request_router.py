@@ -20,6 +20,11 @@ If it is unknown or gone (died, scaled down), the request falls back to power-of
 node locality, like Serve's default router; the orchestrator's retry/migration deals with the rest.
 This router deliberately does not mix in FIFOMixin: FIFO hands a chosen replica to the *oldest*
 pending request, which would give one request's pinned replica to another.
+
+It also matches a chosen replica to its request by identity, not by Serve's internal request id:
+sub-requests a replica makes while serving one request (the orchestrator's concurrent encode
+calls) inherit that request's internal id, and Ray 2.60's id index then keeps only the first of
+them — a replica picked for the second went to the first, and the second waited forever.
 """
 from __future__ import annotations
 
@@ -84,6 +89,17 @@ class PinnedReplicaRouter(LocalityMixin, RequestRouter):
             return []
         chosen = ids if len(ids) <= 2 else random.sample(ids, 2)
         return [[self._replicas[i] for i in chosen if i in self._replicas]]
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None):
+        # `request_metadata` is the routing task's own request's metadata object: find that request
+        for pr in self._pending_requests_to_fulfill:
+            if pr.metadata is request_metadata and not pr.future.done():
+                self._cancel_routing_task_for_pending_request(pr)
+                self._record_queue_wait_time(pr)
+                pr.future.set_result(replica)
+                self._remove_pending_request_from_indices(pr)
+                return
+        super()._fulfill_next_pending_request(replica, request_metadata)
 
 
 def pinned_router_config(**kwargs) -> RequestRouterConfig:

@@ -4,6 +4,8 @@ arrays; the ticket is the ObjectRef; the receiver `ray.wait`s on it without bloc
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import ray
 import torch
@@ -28,7 +30,9 @@ def _to_numpy(obj):
 
 def _to_torch(obj):
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)       # read-only view of plasma memory: import_kv only reads it
+        with warnings.catch_warnings():    # read-only view of plasma memory: import_kv only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(obj)
     if isinstance(obj, dict):
         if set(obj) == {_BF16}:
             return torch.from_numpy(obj[_BF16]).view(torch.bfloat16)

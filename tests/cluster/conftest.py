@@ -1,4 +1,4 @@
-"""A private local Ray + Serve for the cluster tests: its own temp dir, the three pools as
+"""A private local Ray + Serve per cluster test module (other modules start their own Ray): its own temp dir, the three pools as
 logical resources (placement by pool is real on one box), HTTP proxy on a free loopback port."""
 import shutil
 import socket
@@ -13,7 +13,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_cluster():
     import ray
     from ray import serve

@@ -32,7 +32,7 @@ def chat(base: str, text: str, images: list, max_tokens: int) -> list[int]:
     content.append({"type": "text", "text": text})
     body = {"model": "", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    r = requests.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    r = requests.post(f"{base}/v1/chat/completions", json=body, timeout=40)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
 
