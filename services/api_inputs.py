@@ -132,3 +132,10 @@ def _prepare_chat(loaded, chat, images):
     chunks = torch.split(enc["pixel_values"], grid.prod(-1).tolist())
     return ids, [{"pixel_values": c.clone(), "image_grid_thw": grid[i:i + 1].clone()}
                  for i, c in enumerate(chunks)]
+
+
+def sampling_params(req: GenerateRequest):
+    """The engine's SamplingParams for an API request (validated there too)."""
+    from decoders.sampling import SamplingParams
+    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)

@@ -61,3 +61,50 @@ class Backend(Protocol):
 
     def stats(self) -> BackendStats:
         ...
+
+
+class InFlight:
+    """Admission for a backend: refuses duplicate ids and, past `limit`, more requests
+    (RESOURCE_EXHAUSTED — backpressure instead of an unbounded queue)."""
+
+    __slots__ = ("limit", "_ids")
+
+    def __init__(self, limit: int):
+        self.limit, self._ids = limit, set()
+
+    def admit(self, request_id: str) -> None:
+        from services.errors import ErrorCode, TrisectError, invalid
+        if request_id in self._ids:
+            raise invalid(f"request_id {request_id!r} is already in flight", "request_id")
+        if len(self._ids) >= self.limit:
+            raise TrisectError(ErrorCode.RESOURCE_EXHAUSTED, f"server busy: {len(self._ids)} requests in flight "
+                               f"(limit {self.limit}); retry later")
+        self._ids.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        self._ids.discard(request_id)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+async def until_deadline(stream: AsyncIterator, deadline: float | None) -> AsyncIterator:
+    """Items of `stream` until the wall-clock `deadline` (time.time()), then TimeoutError.
+
+    Per-item `wait_for`, not `asyncio.timeout` around the loop: a backend's generator may be
+    advanced by different tasks (an ingress awaits the first delta in its handler and the rest in
+    a collector task), and `asyncio.timeout` would cancel whichever task entered it first."""
+    import asyncio
+    import time
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            try:
+                item = await asyncio.wait_for(anext(stream), remaining)
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await stream.aclose()                # a stream left early aborts its request upstream

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 
-from decoders.sampling import SamplingParams
-from services.api_inputs import Limits, prepare
+from services.api_inputs import Limits, prepare, sampling_params
 from services.api_types import GenerateRequest
-from services.backend import BackendStats
+from services.backend import BackendStats, InFlight, until_deadline
 from services.errors import ErrorCode, TrisectError, invalid
 from services.orchestrator import Orchestrator, TransferFailed
 from services.response import ResponseBuilder
@@ -31,7 +29,7 @@ class ClusterBackend:
         self.name = model_name
         self.limits = limits or Limits()
         self.rate_limiter, self.journal = rate_limiter, journal    # services/ingress_redis.py, or None
-        self._in_flight: set[str] = set()
+        self._in_flight = InFlight(self.limits.max_in_flight)
 
     def model_names(self) -> list[str]:
         return [self.name]
@@ -49,33 +47,30 @@ class ClusterBackend:
             raise invalid(f"model {req.model!r} is not served here; available: {self.name}", "model")
         if self.rate_limiter is not None:
             await self.rate_limiter.check(req.api_key)
-        self._admit(req.request_id)
+        self._in_flight.admit(req.request_id)
         state = "failed"
         try:
             prepared = await asyncio.to_thread(prepare, self.frontend, req, self.limits, self.frontend.max_model_len)
             pixels = [(hashlib.sha256(data).hexdigest(), p) for data, p in zip(req.images, prepared.pixel_inputs)]
-            sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
+            sampling = sampling_params(req)
             response = ResponseBuilder(req.request_id, self.frontend.tokenizer, prepared.token_ids, req.stop)
             stream = self.orchestrator.run(req.request_id, prepared.token_ids, sampling, pixels)
-            timeout = None if req.deadline is None else max(0.0, req.deadline - time.time())
             if self.journal:
                 await self.journal.open(req.request_id, {"prompt_tokens": len(prepared.token_ids), "max_tokens":
                                                          req.max_tokens, "images": [h for h, _ in pixels]})
             tokens: list[int] = []
             journaled = 0
-            async with asyncio.timeout(timeout):
-                async for item in stream:
-                    tokens += item["tokens"]
-                    if self.journal and (item["finish_reason"] or len(tokens) - journaled >= JOURNAL_EVERY):
-                        # batched: one round trip per JOURNAL_EVERY tokens keeps Redis off the per-token path
-                        await self.journal.append(req.request_id, journaled, tokens[journaled:])
-                        journaled = len(tokens)
-                    delta = response.add(item["tokens"], item["finish_reason"])
-                    yield delta
-                    if response.finished:
-                        state = "finished"
-                        return
+            async for item in until_deadline(stream, req.deadline):
+                tokens += item["tokens"]
+                if self.journal and (item["finish_reason"] or len(tokens) - journaled >= JOURNAL_EVERY):
+                    # batched: one round trip per JOURNAL_EVERY tokens keeps Redis off the per-token path
+                    await self.journal.append(req.request_id, journaled, tokens[journaled:])
+                    journaled = len(tokens)
+                delta = response.add(item["tokens"], item["finish_reason"])
+                yield delta
+                if response.finished:
+                    state = "finished"
+                    return
         except TimeoutError:
             raise TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
                                "it was aborted on every stage") from None
@@ -84,14 +79,6 @@ class ClusterBackend:
         except ValueError as e:                        # an engine's admission checks
             raise invalid(str(e), "messages") from None
         finally:
-            self._in_flight.discard(req.request_id)
+            self._in_flight.release(req.request_id)
             if self.journal:
                 asyncio.ensure_future(self.journal.close(req.request_id, state))
-
-    def _admit(self, rid: str) -> None:
-        if rid in self._in_flight:
-            raise invalid(f"request_id {rid!r} is already in flight", "request_id")
-        if len(self._in_flight) >= self.limits.max_in_flight:
-            raise TrisectError(ErrorCode.RESOURCE_EXHAUSTED, f"server busy: {len(self._in_flight)} requests in "
-                               f"flight (limit {self.limits.max_in_flight}); retry later")
-        self._in_flight.add(rid)

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.5
 
 
+class EngineStopped(RuntimeError):
+    """The loop was closed while the request was still streaming."""
+
+
 class EngineLoop:
     def __init__(self, engine):
         self.engine = engine
@@ -59,7 +63,15 @@ class EngineLoop:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("call", lambda e: e.abort(request_id), None))
+                self.abort(request_id)
+
+    def abort(self, request_id: str, error: BaseException | None = None) -> None:
+        """Abort in the engine; a consumer still streaming it gets `error` (or just stops)."""
+        def run(engine):
+            engine.abort(request_id)
+            if error is not None:
+                self._push(request_id, error)
+        self._commands.put(("call", run, None))
 
     def close(self) -> None:
         self._closed.set()
@@ -79,6 +91,8 @@ class EngineLoop:
                 for rid in list(self.engine.seqs):
                     self.engine.abort(rid)
                     self._push(rid, RuntimeError(f"engine error: {e}"))
+        for rid in list(self._streams):
+            self._push(rid, EngineStopped("the engine is shutting down"))
 
     def _drain(self, block: bool) -> None:
         try:
