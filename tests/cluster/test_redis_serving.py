@@ -9,9 +9,7 @@ import requests
 from ray import serve
 
 from cluster.redis_server import RedisServer
-from cluster.redis_store import RedisStore
-from cluster.registry import Registry
-from tests.cluster.test_serving_modes import chat, deploy, stage_stats
+from tests.cluster.test_serving_modes import chat, deploy, live_ids, stage_stats, wait_registered
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -21,20 +19,6 @@ pytestmark = pytest.mark.slow
 def redis():
     with RedisServer() as server:
         yield server
-
-
-def live_ids(url: str) -> set[str]:
-    return {r.id for r in Registry(RedisStore(url)).live()}
-
-
-def wait_registered(url: str, n: int, timeout: float = 30) -> set[str]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        ids = live_ids(url)
-        if len(ids) >= n:
-            return ids
-        time.sleep(0.2)
-    raise AssertionError(f"only {live_ids(url)} registered")
 
 
 def test_epd_with_redis_routes_identical_images_to_the_cached_encoder_and_survives_an_outage(

@@ -14,6 +14,8 @@ import requests
 from ray import serve
 
 from cluster.config import ClusterConfig
+from cluster.redis_store import RedisStore
+from cluster.registry import Registry
 from services.app import build_app
 from tests.reference import hf_greedy
 
@@ -44,7 +46,23 @@ def deploy(serve_cluster, mode: str, preset: str, cache_dir, name: str | None = 
                         stages=stages)
     name = name or f"{mode}-{preset}" + ("-redis" if redis_url else "")
     serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    if redis_url:       # routing starts once every stage replica is in the registry
+        wait_registered(redis_url, sum(cfg.stages[s].replicas for s in cfg.stage_names() if s != "ingress"))
     return f"{serve_cluster}/{name}"
+
+
+def live_ids(url: str) -> set[str]:
+    return {r.id for r in Registry(RedisStore(url)).live()}
+
+
+def wait_registered(url: str, n: int, timeout: float = 30) -> set[str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ids = live_ids(url)
+        if len(ids) >= n:
+            return ids
+        time.sleep(0.2)
+    raise AssertionError(f"only {live_ids(url)} registered, expected {n}")
 
 
 def stage_stats(app: str, stage: str) -> list[dict]:
@@ -54,12 +72,21 @@ def stage_stats(app: str, stage: str) -> list[dict]:
     return list(stats.values())
 
 
+@pytest.fixture(scope="module")
+def redis_url():
+    from cluster.redis_server import RedisServer
+    with RedisServer() as server:
+        yield server.url
+
+
 @pytest.mark.parametrize("family", list(PRESETS))
 @pytest.mark.parametrize("mode", ["aggregated", "pd", "epd"])
 def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image, mode, family):
     model = request.getfixturevalue(family)
-    stages = {"encode": {"replicas": 2}} if mode == "epd" else {}
-    base = deploy(serve_cluster, mode, PRESETS[family], trisect_cache, **stages)
+    # aggregated and pd run without Redis (Serve balances alone); epd with the Redis router, which
+    # is what splits one request's images over distinct encoders
+    extra = {"encode": {"replicas": 2}, "redis_url": request.getfixturevalue("redis_url")} if mode == "epd" else {}
+    base = deploy(serve_cluster, mode, PRESETS[family], trisect_cache, **extra)
     app = base.rsplit("/", 1)[1]
     try:
         cases = [(f"request {i} about pictures", [make_image(100 + 10 * i + k) for k in range((0, 1, 3)[i % 3])])
