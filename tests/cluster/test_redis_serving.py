@@ -9,7 +9,7 @@ import requests
 from ray import serve
 
 from cluster.redis_server import RedisServer
-from tests.cluster.test_serving_modes import chat, deploy, live_ids, stage_stats, wait_registered
+from tests.cluster.test_serving_modes import chat, deploy, stage_stats, wait_registered
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.slow
