@@ -1,6 +1,7 @@
 """The cluster with its Redis control plane: cache-aware routing, Redis outages, rate limits.
 
 Real redis-server, real local Ray Serve, requests over HTTP through the ingress."""
+import io
 import threading
 import time
 
@@ -9,10 +10,18 @@ import requests
 from ray import serve
 
 from cluster.redis_server import RedisServer
+from services.client import TrisectClient
+from tests.cluster.conftest import free_port
 from tests.cluster.test_serving_modes import chat, deploy, stage_stats, wait_registered
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.slow
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture
@@ -23,7 +32,8 @@ def redis():
 
 def test_epd_with_redis_routes_identical_images_to_the_cached_encoder_and_survives_an_outage(
         serve_cluster, trisect_cache, tiny_llava, make_image, redis):
-    base = deploy(serve_cluster, "epd", "tiny-llava", trisect_cache, redis_url=redis.url,
+    grpc_port = free_port()
+    base = deploy(serve_cluster, "epd", "tiny-llava", trisect_cache, redis_url=redis.url, grpc_port=grpc_port,
                   encode={"replicas": 2}, prefill={"replicas": 1}, decode={"replicas": 2})
     app = base.rsplit("/", 1)[1]
     try:
@@ -38,6 +48,11 @@ def test_epd_with_redis_routes_identical_images_to_the_cached_encoder_and_surviv
         encoders = stage_stats(app, "EncodeServer")
         assert sum(e["forwards"] for e in encoders) == forwards, "an identical image must not be re-encoded"
         assert sum(e["cache_hits"] for e in encoders) >= 4
+        # the same request over gRPC, served from inside the ingress replica
+        with TrisectClient(f"127.0.0.1:{grpc_port}") as client:
+            done = client.generate("what is shown", images=[png_bytes(image)], max_tokens=10, temperature=0.0,
+                                   ignore_eos=True)
+        assert list(done.token_ids) == expected and done.finish_reason == "length"
 
         # Redis dies and comes back (empty) while requests keep flowing: none may fail
         results, errors = [], []

@@ -40,8 +40,8 @@ def chat(base: str, text: str, images: list, max_tokens: int) -> list[int]:
 
 
 def deploy(serve_cluster, mode: str, preset: str, cache_dir, name: str | None = None, redis_url=None,
-           rate_limit_per_s=None, rate_limit_burst=20, **stages) -> str:
-    cfg = ClusterConfig(model=preset, mode=mode, cache_dir=str(cache_dir), grpc_port=None, redis_url=redis_url,
+           rate_limit_per_s=None, rate_limit_burst=20, grpc_port=None, **stages) -> str:
+    cfg = ClusterConfig(model=preset, mode=mode, cache_dir=str(cache_dir), grpc_port=grpc_port, redis_url=redis_url,
                         kv_cache_memory_mib=32, rate_limit_per_s=rate_limit_per_s, rate_limit_burst=rate_limit_burst,
                         stages=stages)
     name = name or f"{mode}-{preset}" + ("-redis" if redis_url else "")

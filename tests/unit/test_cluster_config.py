@@ -1,0 +1,50 @@
+"""ClusterConfig → Serve deployment options: pools, replicas, autoscaling, pinned routing."""
+import pytest
+
+from cluster.config import ClusterConfig, StageConfig
+from services.app import build_app, stage_options
+
+
+def test_stage_options_place_each_stage_on_its_pool_and_autoscale():
+    fixed = stage_options("decode", StageConfig(replicas=3, num_gpus=1))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 0.0, "num_gpus": 1, "resources": {"decode_pool": 1}}
+    assert "PinnedReplicaRouter" in str(fixed["request_router_config"].request_router_class)
+    auto = stage_options("encode", StageConfig(min_replicas=1, max_replicas=8, target_ongoing_requests=6))
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 6}
+    assert "num_replicas" not in auto and auto["ray_actor_options"]["resources"] == {"encode_pool": 1}
+    ingress = stage_options("ingress", StageConfig())
+    assert ingress["ray_actor_options"]["resources"] == {} and "request_router_config" not in ingress
+
+
+@pytest.mark.parametrize("mode,stages", [("aggregated", {"ingress", "aggregated"}),
+                                        ("pd", {"ingress", "prefill", "decode"}),
+                                        ("epd", {"ingress", "encode", "prefill", "decode"})])
+def test_build_app_deploys_exactly_the_mode_stages(mode, stages):
+    cfg = ClusterConfig(mode=mode, stages={"decode": {"min_replicas": 2, "max_replicas": 4}} if mode != "aggregated"
+                        else {})
+    ingress = build_app(cfg)._bound_deployment
+    assert ingress.name == "Ingress" and set(ingress.init_kwargs) == stages - {"ingress"}
+    for stage, bound in ingress.init_kwargs.items():
+        d = bound._bound_deployment
+        assert d.ray_actor_options["resources"] == {"aggregated": {"prefill_pool": 1}, "encode": {"encode_pool": 1},
+                                                    "prefill": {"prefill_pool": 1},
+                                                    "decode": {"decode_pool": 1}}[stage]
+        if stage == "decode":
+            assert d._deployment_config.autoscaling_config.max_replicas == 4
+
+
+def test_config_validation_and_yaml_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        ClusterConfig(mode="nope")
+    with pytest.raises(ValueError, match="unknown stages"):
+        ClusterConfig(stages={"encoder": {}})
+    with pytest.raises(ValueError, match="min_replicas"):
+        StageConfig(min_replicas=2)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        ClusterConfig.from_dict({"modle": "x"})
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny-qwen2-vl\nmode: pd\nstages:\n  decode: {replicas: 3}\n")
+    cfg = ClusterConfig.from_yaml(str(path))
+    assert cfg.model == "tiny-qwen2-vl" and cfg.stages["decode"].replicas == 3
+    assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
