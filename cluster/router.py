@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cluster.redis_store import RedisStore, StoreUnavailable
@@ -188,6 +189,7 @@ class Router:
         self._local_pending: Counter = Counter()   # our assignments made on a stale view
         self._resync_until = 0.0
         self._resync_base: dict[str, InstanceRecord] = {}
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="route-commit")
 
     def fetch(self, req: RouteRequest) -> tuple[ClusterView, bool]:
         """(view, stale). One round trip, or none when Redis is known to be down."""
@@ -226,16 +228,20 @@ class Router:
             d = decide(view, req, self.config, self.rng)
         d.stale = stale
         assigned = d.encoders + [d.prefill] + ([] if d.aggregated else [d.decode])
-        if not stale and self.config.commit:
-            try:
-                self.store.commit_assignment(request_id or uuid.uuid4().hex, assigned)
-                return d
-            except StoreUnavailable:
-                pass
-        if stale or self.config.commit:
+        if stale:
             with self._lock:
                 self._local_pending.update(assigned)
+        elif self.config.commit:
+            # off the decision's critical path: other ingresses see the pending load a round trip later
+            self._committer.submit(self._commit, request_id or uuid.uuid4().hex, assigned)
         return d
+
+    def _commit(self, request_id: str, assigned: list[str]) -> None:
+        try:
+            self.store.commit_assignment(request_id, assigned)
+        except StoreUnavailable:
+            with self._lock:
+                self._local_pending.update(assigned)
 
     async def aroute(self, req: RouteRequest, request_id: str | None = None) -> RouteDecision:
         """For asyncio ingresses: keep the event loop free during the round trips."""
