@@ -70,10 +70,40 @@ class StepPlan:
     write_rows: torch.Tensor     # [n_real] indices into the step's flattened [B * Q] new tokens
     write_slots: torch.Tensor    # [n_real] pool slots they are written to
     read_slots: torch.Tensor     # [B, kv_len] slots of each row's context, padded with slot 0
+    staging: str = "none"        # decode groups: "build" the staging buffers, or "append" to them
+    stage_index: torch.Tensor | None = None   # append: flat [B*H] rows of the staging buffer to write
 
     @property
     def kv_len(self) -> int:
         return self.read_slots.shape[1]
+
+
+class DecodeStaging:
+    """Contiguous K/V ([rows, heads, capacity, dim] per layer) for a steady decode batch.
+
+    Gathering every row's whole context from the paged pool each step costs as much as the
+    GEMMs on CPU. While the decode batch keeps the same sequences, each step instead appends one
+    token per row here (the pool is written too, so nothing depends on this cache). Any change in
+    the batch — a sequence joining, finishing, being preempted — rebuilds it with one gather.
+    Unused tail positions hold stale but finite values; the step's mask hides them."""
+
+    def __init__(self):
+        self.rows: tuple[int, ...] = ()          # id() of each row's Sequence, in batch order
+        self.lens: list[int] = []                # tokens each row holds after the last step
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def reserve(self, layers: int, rows: int, heads: int, length: int, dim: int, dtype) -> None:
+        if self.k and self.k[0].shape[0] >= rows and self.capacity >= length:
+            return
+        cap = max(length + 128, self.capacity)       # headroom: appends rebuild only when it runs out
+        shape = (max(rows, self.k[0].shape[0] if self.k else 0), heads, cap, dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
 
 
 class PagedLayer(CacheLayerMixin):
@@ -93,9 +123,18 @@ class PagedLayer(CacheLayerMixin):
         for kind, states in enumerate((key_states, value_states)):
             rows = states.transpose(1, 2).reshape(b * q, h, d).index_select(0, plan.write_rows)
             pool[kind].index_copy_(0, plan.write_slots, rows.to(pool.dtype))
+        staging, n = self.cache.staging, plan.kv_len
+        if plan.staging == "append":
+            for buf, states in ((staging.k[self.layer_idx], key_states), (staging.v[self.layer_idx], value_states)):
+                buf.view(-1, d).index_copy_(0, plan.stage_index, states.reshape(b * h, d).to(buf.dtype))
+            return (staging.k[self.layer_idx][:b, :, :n].to(key_states.dtype),
+                    staging.v[self.layer_idx][:b, :, :n].to(value_states.dtype))
         flat = plan.read_slots.reshape(-1)
-        k = pool[0].index_select(0, flat).view(b, plan.kv_len, h, d).transpose(1, 2)
-        v = pool[1].index_select(0, flat).view(b, plan.kv_len, h, d).transpose(1, 2)
+        k = pool[0].index_select(0, flat).view(b, n, h, d).transpose(1, 2)
+        v = pool[1].index_select(0, flat).view(b, n, h, d).transpose(1, 2)
+        if plan.staging == "build":
+            staging.k[self.layer_idx][:b, :, :n] = k
+            staging.v[self.layer_idx][:b, :, :n] = v
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     def get_seq_length(self) -> int:
@@ -114,6 +153,7 @@ class PagedCache(Cache):
     def __init__(self, pool: KVPool):
         self.pool = pool
         self.plan: StepPlan | None = None
+        self.staging = DecodeStaging()
         super().__init__(layers=[PagedLayer(self, i) for i in range(pool.shape.num_layers)])
 
     @property

@@ -107,7 +107,27 @@ class ModelRunner:
         flat_pos = qpos.flatten()[write_rows]
         row_of = write_rows // q
         write_slots = tables[row_of, flat_pos // self.block_size] * self.block_size + flat_pos % self.block_size
-        return StepPlan(write_rows, write_slots, read)
+        plan = StepPlan(write_rows, write_slots, read)
+        if q == 1:
+            self._plan_staging(plan, seqs, ends)
+        return plan
+
+    def _plan_staging(self, plan: StepPlan, seqs: list[Sequence], ends: torch.Tensor) -> None:
+        """Decode group: append to the staging buffers if the batch is the one they hold."""
+        st, s = self.cache.staging, self.shape
+        rows = tuple(id(seq) for seq in seqs)
+        steady = (rows == st.rows and plan.kv_len <= st.capacity
+                  and all(seq.num_computed_tokens == n for seq, n in zip(seqs, st.lens)))
+        if steady:
+            cap = st.capacity
+            starts = ends - 1
+            plan.staging = "append"
+            plan.stage_index = ((torch.arange(len(seqs))[:, None] * s.num_kv_heads
+                                 + torch.arange(s.num_kv_heads)[None]) * cap + starts[:, None]).flatten()
+        else:
+            st.reserve(s.num_layers, len(seqs), s.num_kv_heads, plan.kv_len, s.head_dim, s.dtype)
+            plan.staging = "build"
+        st.rows, st.lens = rows, ends.tolist()
 
     def _positions(self, seqs: list[Sequence], qpos: torch.Tensor) -> torch.Tensor:
         if not self.mrope:

@@ -28,14 +28,18 @@ def _to_numpy(obj):
     return obj
 
 
+def _view(array: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():        # read-only view of plasma memory: import_kv only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def _to_torch(obj):
     if isinstance(obj, np.ndarray):
-        with warnings.catch_warnings():    # read-only view of plasma memory: import_kv only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(obj)
+        return _view(obj)
     if isinstance(obj, dict):
         if set(obj) == {_BF16}:
-            return torch.from_numpy(obj[_BF16]).view(torch.bfloat16)
+            return _view(obj[_BF16]).view(torch.bfloat16)
         return {k: _to_torch(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_to_torch(v) for v in obj]
