@@ -1,7 +1,7 @@
 """`trisect bench engine`: trisect's engine against HF generate(), side by side in one run.
 
 Workload: N requests x P random prompt tokens x G new tokens (greedy, eos ignored) for each batch
-size asked. Three contenders on the same checkpoint and prompts: the trisect engine (continuous
+size asked, repeated `--repeats` times with the contenders interleaved; medians are reported. Three contenders on the same checkpoint and prompts: the trisect engine (continuous
 batching on paged KV), HF `generate()` called per request one after another, and HF `generate()`
 on the whole batch at once. Prints output tok/s and the ratios; `--json FILE` writes them, and the
 trisect tokens are checked against the sequential HF tokens so a fast wrong engine can't win.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -55,16 +56,23 @@ def run_hf(loaded, prompts, new_tokens: int, batched: bool) -> tuple[float, list
     return time.perf_counter() - start, tokens
 
 
-def bench(loaded, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def bench(loaded, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     prompts = make_prompts(loaded.model.config.get_text_config().vocab_size, batch, prompt_len)
     run_trisect(loaded, prompts[:1], 2)                    # warm-up: first-call allocations
     total = batch * new_tokens
-    t_ours, ours = run_trisect(loaded, prompts, new_tokens)
-    t_seq, ref = run_hf(loaded, prompts, new_tokens, batched=False)
-    t_bat, _ = run_hf(loaded, prompts, new_tokens, batched=True)
-    r = {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+    times: dict[str, list[float]] = {"trisect": [], "seq": [], "batched": []}
+    identical = True
+    for _ in range(repeats):                               # interleaved: noise hits all three alike
+        t, ours = run_trisect(loaded, prompts, new_tokens)
+        times["trisect"].append(t)
+        t, ref = run_hf(loaded, prompts, new_tokens, batched=False)
+        times["seq"].append(t)
+        identical &= ours == ref
+        times["batched"].append(run_hf(loaded, prompts, new_tokens, batched=True)[0])
+    t_ours, t_seq, t_bat = (statistics.median(times[k]) for k in ("trisect", "seq", "batched"))
+    r = {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
          "trisect_tok_s": total / t_ours, "hf_sequential_tok_s": total / t_seq, "hf_batched_tok_s": total / t_bat,
-         "tokens_identical_to_hf": ours == ref}
+         "tokens_identical_to_hf": identical, "seconds": times}
     r["vs_sequential"] = r["trisect_tok_s"] / r["hf_sequential_tok_s"]
     r["vs_batched"] = r["trisect_tok_s"] / r["hf_batched_tok_s"]
     return r
@@ -76,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,8,32", help="comma-separated request counts")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = ap.parse_args(argv)
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
     print(f"{'batch':>5} {'trisect tok/s':>14} {'hf seq tok/s':>13} {'hf batch tok/s':>15} {'x seq':>7} {'x batch':>8} exact")
     results = []
     for b in (int(x) for x in args.batches.split(",")):
-        r = bench(loaded, b, args.prompt_tokens, args.new_tokens)
+        r = bench(loaded, b, args.prompt_tokens, args.new_tokens, args.repeats)
         results.append(r)
         print(f"{b:>5} {r['trisect_tok_s']:>14.1f} {r['hf_sequential_tok_s']:>13.1f} {r['hf_batched_tok_s']:>15.1f} "
               f"{r['vs_sequential']:>7.2f} {r['vs_batched']:>8.2f} {r['tokens_identical_to_hf']}", flush=True)
