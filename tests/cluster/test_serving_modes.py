@@ -113,3 +113,30 @@ def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image
                 assert s["free_blocks"] == s["total_blocks"] and s["handovers"] == 0 and s["senders"] == 0, s
     finally:
         serve.delete(app)
+
+
+def test_pd_deadline_and_disconnect_free_kv_on_every_stage(serve_cluster, trisect_cache, tiny_llava):
+    """A deadline (504) and a client that drops a stream abort the request on prefill and decode."""
+    base = deploy(serve_cluster, "pd", "tiny-llava", trisect_cache, name="pd-cancel")
+    app = base.rsplit("/", 1)[1]
+    body = {"model": "", "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 400,
+            "temperature": 0, "ignore_eos": True}
+    try:
+        r = requests.post(f"{base}/v1/chat/completions", json=body, headers={"x-trisect-timeout": "0.5"}, timeout=60)
+        assert r.status_code == 504, r.text
+        with requests.post(f"{base}/v1/chat/completions", json={**body, "stream": True}, stream=True,
+                           timeout=60) as streamed:
+            lines = streamed.iter_lines()
+            assert sum(1 for _, line in zip(range(6), lines) if line.startswith(b"data:")) >= 3
+        # the connection is closed mid-stream; every stage must let go of the request
+        end = time.monotonic() + 15
+        while True:
+            held = [s for stage in ("PrefillServer", "DecodeServer") for s in stage_stats(app, stage)
+                    if s["free_blocks"] != s["total_blocks"] or s["running"] or s["waiting"] or s["handovers"]]
+            if not held or time.monotonic() > end:
+                break
+            time.sleep(0.3)
+        assert not held, held
+        assert chat(base, "still serving", [], 6) == hf_greedy(tiny_llava, "still serving", [], 6)
+    finally:
+        serve.delete(app)
