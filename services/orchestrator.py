@@ -131,7 +131,13 @@ class Orchestrator:
                                                     None if images is not None else pixels, pin=route.prefill)
             if not first_sent:
                 first_sent = True
-                yield {"tokens": first["tokens"], "finish_reason": first["finish_reason"]}
+                try:
+                    yield {"tokens": first["tokens"], "finish_reason": first["finish_reason"]}
+                except BaseException:                # the client left right after its first token
+                    if first["ticket"] is not None:
+                        asyncio.ensure_future(self.stages.prefill.call("release", rid, False, "client left",
+                                                                        pin=route.prefill))
+                    raise
             if first["ticket"] is None:
                 return
             try:

@@ -92,3 +92,20 @@ def test_fifty_requests_leave_no_block_held(servers, tiny_llava, make_image):
     assert all(len(t) == 6 for t in results)
     assert results[4] == hf_greedy(tiny_llava, "request number 4", images[:1], 6)
     asyncio.run(assert_nothing_held(prefill, decode))
+
+
+def test_client_leaving_after_the_first_token_frees_prefill_blocks(servers, tiny_llava):
+    prefill, decode = servers
+    prefill.sender_cls = FakeSender
+    orch = orchestrator(prefill, decode)
+
+    async def first_token_then_leave():
+        prepared = prepare_prompt(tiny_llava, "leave early", [])
+        stream = orch.run("leaver", prepared.token_ids, SamplingParams(max_tokens=50, ignore_eos=True), [])
+        first = await stream.__anext__()
+        await stream.aclose()
+        await asyncio.sleep(0.2)                  # the release runs as a task
+        return first
+
+    assert len(asyncio.run(first_token_then_leave())["tokens"]) == 1
+    asyncio.run(assert_nothing_held(prefill, decode))
