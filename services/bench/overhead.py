@@ -19,10 +19,7 @@ import time
 
 from tqdm import tqdm
 
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+from services.bench import percentile
 
 
 def make_image(seed: int = 0):
@@ -127,10 +124,10 @@ def main(argv=None) -> int:
 
     over = [e - l for e, l in zip(epd, local)]
     r = {"requests": args.requests, "inprocess_ttft_ms_p50": statistics.median(local),
-         "inprocess_ttft_ms_p99": pct(local, 99), "epd_ttft_ms_p50": statistics.median(epd),
-         "epd_ttft_ms_p99": pct(epd, 99), "http_ttft_ms_p50": statistics.median(http), "http_ttft_ms_p99": pct(http, 99),
+         "inprocess_ttft_ms_p99": percentile(local, 0.99), "epd_ttft_ms_p50": statistics.median(epd),
+         "epd_ttft_ms_p99": percentile(epd, 0.99), "http_ttft_ms_p50": statistics.median(http), "http_ttft_ms_p99": percentile(http, 0.99),
          "overhead_ms_p50": statistics.median(epd) - statistics.median(local),
-         "overhead_ms_p99": pct(epd, 99) - pct(local, 99), "paired_overhead_ms_p50": statistics.median(over)}
+         "overhead_ms_p99": percentile(epd, 0.99) - percentile(local, 0.99), "paired_overhead_ms_p50": statistics.median(over)}
     print(f"TTFT over {args.requests} 1-image requests ({args.model}), ms      p50      p99")
     for name, key in (("in-process engine", "inprocess"), ("E->P->D via Serve", "epd"), ("HTTP end to end", "http")):
         print(f"  {name:<22} {r[f'{key}_ttft_ms_p50']:>8.2f} {r[f'{key}_ttft_ms_p99']:>8.2f}")

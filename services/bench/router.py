@@ -24,13 +24,9 @@ from cluster.redis_server import RedisServer
 from cluster.redis_store import RedisStore, StoreConfig
 from cluster.registry import InstanceInfo, Load, Registry
 from cluster.router import RouteRequest, Router, decide
+from services.bench import percentile
 
 TARGET_P50_MS, TARGET_ROUND_TRIPS = 1.0, 3.0
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def _populate(store: RedisStore, n: int, rng: random.Random, n_images: int, n_prefixes: int, blocks: int):
@@ -95,8 +91,8 @@ def run(url: str, instances: int, decisions: int, seed: int) -> dict:
         setup.close()
         store.close()
     res = {"instances": instances, "decisions": decisions, "seed": seed,
-           "p50_ms": _pct(lat, 0.50), "p99_ms": _pct(lat, 0.99), "mean_ms": statistics.fmean(lat),
-           "decide_p50_ms": _pct(logic, 0.50), "round_trips_per_decision": statistics.fmean(rts),
+           "p50_ms": percentile(lat, 0.50), "p99_ms": percentile(lat, 0.99), "mean_ms": statistics.fmean(lat),
+           "decide_p50_ms": percentile(logic, 0.50), "round_trips_per_decision": statistics.fmean(rts),
            "round_trips_max": max(rts), "decisions_per_s": 1e3 / statistics.fmean(lat),
            "cached_images_routed": hits, "stale_decisions": stale}
     res["pass"] = res["p50_ms"] <= TARGET_P50_MS and res["round_trips_per_decision"] <= TARGET_ROUND_TRIPS
