@@ -115,13 +115,21 @@ def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image
         serve.delete(app)
 
 
-def test_pd_deadline_and_disconnect_free_kv_on_every_stage(serve_cluster, trisect_cache, tiny_llava):
-    """A deadline (504) and a client that drops a stream abort the request on prefill and decode."""
+def test_pd_bad_input_deadline_and_disconnect(serve_cluster, trisect_cache, tiny_llava):
+    """Bad input gets a precise 400; a deadline (504) and a client that drops a stream abort the
+    request on prefill and decode; the cluster keeps serving throughout."""
     base = deploy(serve_cluster, "pd", "tiny-llava", trisect_cache, name="pd-cancel")
     app = base.rsplit("/", 1)[1]
     body = {"model": "", "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 400,
             "temperature": 0, "ignore_eos": True}
     try:
+        bad_image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}
+        bad = {**body, "messages": [{"role": "user", "content": [bad_image, {"type": "text", "text": "hi"}]}]}
+        r = requests.post(f"{base}/v1/chat/completions", json=bad, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "images", r.text
+        too_long = {**body, "max_tokens": 10**6}
+        r = requests.post(f"{base}/v1/chat/completions", json=too_long, timeout=60)
+        assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"], r.text
         r = requests.post(f"{base}/v1/chat/completions", json=body, headers={"x-trisect-timeout": "0.5"}, timeout=60)
         assert r.status_code == 504, r.text
         with requests.post(f"{base}/v1/chat/completions", json={**body, "stream": True}, stream=True,
