@@ -48,7 +48,7 @@ class StageConfig:
 class ClusterConfig:
     model: str = "tiny-llava"
     mode: str = "epd"
-    transfer: str = "objectstore"
+    transfer: str = "objectstore"          # works across nodes; "shm" is faster when P and D share one
     cache_dir: str | None = None
     block_size: int = 16
     kv_cache_memory_mib: int = 256

@@ -7,7 +7,8 @@ LLMServer's life per request, by role:
   prefill     `prefill`  → encode (pd mode) or take embeddings (epd) → first token → KV into a
               sender, blocks held → returns the ticket; `release(ok)` once the decode side has
               it (or failed) frees the blocks; a reaper frees them if no verdict ever comes
-  decode      `decode`   → receiver polled (never blocking the engine) → import_kv → stream tokens;
+  decode      `decode`   → receiver polled (never blocking the engine) → import_kv → "imported" (only
+              now may the source free: shm/objectstore payloads are views of its memory) → tokens;
               a failed transfer is reported in-band so the orchestrator re-prefills
 """
 from __future__ import annotations
@@ -164,8 +165,11 @@ class LLMServer:
             yield {"transfer_failed": rx.error or "transfer failed"}
             return
         payload = rx.payload()
-        yield {"imported": True, "decode_instance": self.instance_id}
+        imported = False
         async for out in self.loop.stream(rid, lambda e: e.import_kv(payload)):
+            if not imported:                     # the engine has copied the KV: the source may free it
+                imported = True
+                yield {"imported": True, "decode_instance": self.instance_id}
             yield {"tokens": out.new_token_ids, "finish_reason": out.finish_reason}
 
     async def stats(self) -> dict:

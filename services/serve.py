@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--encoders", type=int, help="encode replicas (epd)")
     ap.add_argument("--prefills", type=int, help="prefill replicas (pd, epd)")
     ap.add_argument("--decoders", type=int, help="decode replicas (pd, epd)")
-    ap.add_argument("--transfer", choices=["objectstore", "collective", "fake"])
+    ap.add_argument("--transfer", choices=["objectstore", "shm", "collective", "fake"],
+                    help="KV P→D: objectstore (default, any node), shm (same node, fastest), collective")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int)

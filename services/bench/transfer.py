@@ -11,6 +11,8 @@ tensor (`receiver.wait()` returned); both ends read the same system-wide CLOCK_M
   also reported: put (sender's `ray.put`, the one real copy), get (receiver's wait+get), and the
   receiver's materialisation (`copy_` into its own preallocated memory — what importing into a
   paged cache costs on top; one torch thread, as Ray gives a 1-CPU actor), with GB/s including it.
+- shm: the sender copies into a reused shared-memory segment; the receiver (a spawned subprocess)
+  maps it and holds a view — one copy, into pages that stay faulted in across transfers.
 - collective: gloo over loopback between this driver (rank 0) and a spawned subprocess (rank 1);
   every transfer bootstraps its own 2-rank group, as the backend does in serving.
 - memcpy (baseline): torch `dst.copy_(src)` of the same KV into a preallocated, pre-touched tensor
@@ -80,12 +82,13 @@ class _RayReceiver:
         return t_enter, t_done, copy_s, crc(kv)
 
 
-def _collective_child(inbox, outbox) -> None:
-    """Rank 1 of the collective backend: receive each ticket's KV, report when it was held."""
-    Receiver = backend("collective")[1]
-    while (ticket := inbox.get()) is not None:
+def _peer_child(inbox, outbox) -> None:
+    """The receiving process of the collective (rank 1) and shm backends: receive each ticket's KV,
+    report when it was held."""
+    while (item := inbox.get()) is not None:
+        name, ticket = item
         try:
-            kv = Receiver(ticket).wait(poll_interval_s=0.0002).kv
+            kv = backend(name)[1](ticket).wait(poll_interval_s=0.0002).kv
             outbox.put((time.monotonic(), crc(kv), None))
         except Exception as e:             # report, don't die: the driver would wait for nothing
             outbox.put((None, None, f"{type(e).__name__}: {e}"))
@@ -108,10 +111,10 @@ class Peers:
                          logging_level="ERROR", log_to_driver=False)
                 self._own_ray = True
             self.actor = ray.remote(num_cpus=1)(_RayReceiver).remote()
-        if "collective" in self.backends:
+        if {"collective", "shm"} & set(self.backends):
             ctx = mp.get_context("spawn")      # fork would copy this process's Ray/gloo threads
             self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-            self.proc = ctx.Process(target=_collective_child, args=(self.inbox, self.outbox), daemon=True)
+            self.proc = ctx.Process(target=_peer_child, args=(self.inbox, self.outbox), daemon=True)
             self.proc.start()
         return self
 
@@ -144,13 +147,25 @@ class Peers:
         sender = backend("collective")[0](payload)
         ticket = sender.start()
         t_start = time.monotonic()
-        self.inbox.put(ticket)
+        self.inbox.put(("collective", ticket))
         t_done, got, err = self._reply(timeout_s=120)
         if err:
             raise RuntimeError(f"collective receiver failed: {err}")
         sender.worker.done.wait(30)            # the send thread must finish before its store goes away
         _ack(sender)
         return {"total": t_done - t0, "put": t_start - t0}, got
+
+    def shm(self, payload: KVPayload) -> tuple[dict, int]:
+        t0 = time.monotonic()
+        sender = backend("shm")[0](payload)
+        ticket = sender.start()
+        t_put = time.monotonic()
+        self.inbox.put(("shm", ticket))
+        t_done, got, err = self._reply(timeout_s=120)
+        if err:
+            raise RuntimeError(f"shm receiver failed: {err}")
+        _ack(sender)
+        return {"total": t_done - t0, "put": t_put - t0}, got
 
 
     def _reply(self, timeout_s: float):
@@ -160,8 +175,8 @@ class Peers:
                 return self.outbox.get(timeout=0.5)
             except queue.Empty:
                 if not self.proc.is_alive():
-                    raise RuntimeError(f"collective receiver process died (exit {self.proc.exitcode})")
-        raise TimeoutError(f"collective receiver sent nothing in {timeout_s:.0f} s")
+                    raise RuntimeError(f"receiver process died (exit {self.proc.exitcode})")
+        raise TimeoutError(f"receiver process sent nothing in {timeout_s:.0f} s")
 
 
 def _ack(sender) -> None:
@@ -220,12 +235,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="trisect bench transfer", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="16,64,256", help="comma-separated KV sizes in MiB")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--backends", default="objectstore,collective", help="comma-separated, of objectstore,collective")
+    ap.add_argument("--backends", default="objectstore,shm,collective",
+                    help="comma-separated, of objectstore,shm,collective")
     ap.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes_mib.split(",")]
     backends = [b for b in args.backends.split(",") if b]
-    if bad := set(backends) - {"objectstore", "collective"}:
+    if bad := set(backends) - {"objectstore", "shm", "collective"}:
         ap.error(f"unknown backend(s) {sorted(bad)}")
     if any(s * MIB % TOKEN_BYTES for s in sizes):
         ap.error(f"each size must be a multiple of {TOKEN_BYTES // 1024} KiB (one token of KV)")

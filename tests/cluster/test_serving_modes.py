@@ -40,8 +40,9 @@ def chat(base: str, text: str, images: list, max_tokens: int) -> list[int]:
 
 
 def deploy(serve_cluster, mode: str, preset: str, cache_dir, name: str | None = None, redis_url=None,
-           rate_limit_per_s=None, rate_limit_burst=20, grpc_port=None, **stages) -> str:
+           rate_limit_per_s=None, rate_limit_burst=20, grpc_port=None, transfer="objectstore", **stages) -> str:
     cfg = ClusterConfig(model=preset, mode=mode, cache_dir=str(cache_dir), grpc_port=grpc_port, redis_url=redis_url,
+                        transfer=transfer,
                         kv_cache_memory_mib=32, rate_limit_per_s=rate_limit_per_s, rate_limit_burst=rate_limit_burst,
                         stages=stages)
     name = name or f"{mode}-{preset}" + ("-redis" if redis_url else "")
@@ -146,5 +147,22 @@ def test_pd_bad_input_deadline_and_disconnect(serve_cluster, trisect_cache, tiny
             time.sleep(0.3)
         assert not held, held
         assert chat(base, "still serving", [], 6) == hf_greedy(tiny_llava, "still serving", [], 6)
+    finally:
+        serve.delete(app)
+
+
+def test_pd_over_shared_memory_transfer(serve_cluster, trisect_cache, tiny_qwen2_vl, make_image):
+    base = deploy(serve_cluster, "pd", "tiny-qwen2-vl", trisect_cache, name="pd-shm", transfer="shm",
+                  decode={"replicas": 2})
+    app = base.rsplit("/", 1)[1]
+    try:
+        cases = [(f"shared memory {i}", [make_image(300 + i)] if i % 2 else []) for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda c: chat(base, c[0], c[1], 10), cases))
+        for (text, images), tokens in zip(cases, got):
+            assert tokens == hf_greedy(tiny_qwen2_vl, text, images, 10)
+        for stage in ("PrefillServer", "DecodeServer"):
+            for s in stage_stats(app, stage):
+                assert s["free_blocks"] == s["total_blocks"] and s["handovers"] == 0 and s["senders"] == 0, s
     finally:
         serve.delete(app)

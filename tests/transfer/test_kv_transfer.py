@@ -121,3 +121,31 @@ def test_collective_gloo_between_processes():
     assert sender.poll() is S.TRANSFERRING
     sender.ack(True)
     assert sender.poll() is S.SUCCESS
+
+
+def _shm_receiver(ticket, out):
+    from decoders.kv_transfer import backend as b
+    got = b("shm")[1](ticket).wait()
+    out.put((got.kv.tolist(), got.token_ids, str(got.kv.dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shm_between_processes_and_segment_reuse(dtype):
+    Sender, _ = backend("shm")
+    p = payload(n=24)
+    p.kv = p.kv.to(dtype)
+    sender = Sender(p)
+    ticket = sender.start()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_shm_receiver, args=(ticket, out))
+    proc.start()
+    kv, tokens, got_dtype = out.get(timeout=60)
+    proc.join(timeout=30)
+    assert torch.equal(torch.tensor(kv, dtype=dtype), p.kv) and tokens == p.token_ids and got_dtype == str(dtype)
+    assert sender.poll() is S.TRANSFERRING, "the segment is held until the verdict"
+    sender.ack(True)
+    assert sender.poll() is S.SUCCESS and sender.segment is None
+    again = Sender(payload(n=24, seed=1))
+    assert again.start()["segment"] == ticket["segment"], "a finished transfer's segment is reused"
+    again.ack(False)
