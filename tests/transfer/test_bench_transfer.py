@@ -13,11 +13,11 @@ def test_bench_transfer_end_to_end(tmp_path):
     assert transfer.main(["--sizes-mib", "4", "--repeats", "2", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["backend"]: r for r in data["results"]}
-    assert set(rows) == {"memcpy", "objectstore", "collective"}
+    assert set(rows) == {"memcpy", "objectstore", "shm", "collective"}
     for r in rows.values():
         assert r["size_mib"] == 4 and r["bytes"] == 4 * 1024 * 1024 and r["repeats"] == 2
         assert r["gbps"] > 0 and r["verified"] is True
-    for name in ("objectstore", "collective"):
+    for name in ("objectstore", "shm", "collective"):
         assert rows[name]["ratio_to_memcpy"] > 0
     assert rows["objectstore"]["get_median_s"] >= 0 and rows["objectstore"]["gbps_materialised"] > 0
 
