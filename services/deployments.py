@@ -54,6 +54,7 @@ class EncodeServer:
         self.worker = EncoderWorker(model, cache_bytes=cache_bytes, cache_dir=cache_dir)
         self.instance_id = _replica_id()
         self.queued = 0
+        self.advertised: set[str] = set()        # image hashes the router was told we hold
         self.presence = maybe_presence(redis_url, self.instance_id, "encode", "encode_pool", 8,
                                        lambda: Load(encode_queue=self.queued))
 
@@ -64,9 +65,17 @@ class EncodeServer:
             out = await asyncio.to_thread(self.worker.encode, items)
         finally:
             self.queued -= len(items)
-        if self.presence:                        # the router now prefers us for these images
-            self.presence.publish("mm", [h for h, _ in items if h])
+        if self.presence:
+            self._advertise([h for h, _ in items if h])
         return out
+
+    def _advertise(self, encoded: list[str]) -> None:
+        """Tell the router what this cache holds now: these images, minus whatever the LRU evicted."""
+        self.advertised.update(encoded)
+        evicted = [h for h in self.advertised if h not in self.worker.cache]
+        self.advertised.difference_update(evicted)
+        self.presence.publish("mm", encoded)
+        self.presence.unpublish("mm", evicted)
 
     def stats(self) -> dict:
         return {"instance_id": self.instance_id, "role": "encode", "parameters": self.worker.num_parameters(),

@@ -40,6 +40,10 @@ class Presence:
         if hashes:
             self.agent.publish(kind, hashes)
 
+    def unpublish(self, kind: str, hashes: list[str]) -> None:
+        if hashes:
+            self.agent.unpublish(kind, hashes)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
