@@ -5,6 +5,8 @@
     decode   imports the KV, streams the rest; the orchestrator then tells prefill to free
     retry    a failed KV transfer acks FAILED to prefill (blocks freed) and re-prefills on
              another instance, up to `max_retries` times; the client sees one stream
+    migrate  a decode instance that dies mid-stream: prompt + the tokens streamed so far are
+             re-prefilled on a live instance and decoding continues — one uninterrupted stream
 
 aggregated mode skips all of that: one replica runs the whole request. Stages are reached through
 `StageClient`s, so the same code drives Ray Serve handles or in-process servers (tests).
@@ -14,7 +16,7 @@ router in cluster mode, none in tests; its replica ids are pinned through Serve'
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from cluster.request_router import pinned
@@ -102,6 +104,7 @@ class Orchestrator:
     max_encoders_per_request: int = 2
     max_retries: int = 2
     transfer_failures: int = 0
+    migrations: int = 0
     # (request_id, token_ids, image hashes) -> Route; None: Ray Serve balances on its own
     router: Callable[[str, list[int], list[str]], Awaitable[Route]] | None = None
 
@@ -123,30 +126,37 @@ class Orchestrator:
                 yield item
             return
         images = await self.encode(pixels, route) if self.mode == "epd" and pixels else None
-        first_sent = False
+        generated: list[int] = []                    # tokens the client already has
         for attempt in range(self.max_retries + 1):
-            if attempt:                              # re-prefill elsewhere: ask the router afresh
+            if attempt:                              # continue elsewhere: ask the router afresh
                 route = await self.route(rid, token_ids, pixels)
-            first = await self.stages.prefill.call("prefill", rid, token_ids, sampling, images,
+            # a retry or migration re-prefills prompt + everything streamed so far: the next token
+            # it samples is exactly the one the lost instance would have produced (greedy)
+            left = replace(sampling, max_tokens=sampling.max_tokens - len(generated)) if generated else sampling
+            first = await self.stages.prefill.call("prefill", rid, token_ids + generated, left, images,
                                                     None if images is not None else pixels, pin=route.prefill)
-            if not first_sent:
-                first_sent = True
-                try:
-                    yield {"tokens": first["tokens"], "finish_reason": first["finish_reason"]}
-                except BaseException:                # the client left right after its first token
-                    if first["ticket"] is not None:
-                        asyncio.ensure_future(self.stages.prefill.call("release", rid, False, "client left",
-                                                                        pin=route.prefill))
-                    raise
+            generated += first["tokens"]
+            try:
+                yield {"tokens": first["tokens"], "finish_reason": first["finish_reason"]}
+            except BaseException:                    # the client left right after this token
+                if first["ticket"] is not None:
+                    asyncio.ensure_future(self.stages.prefill.call("release", rid, False, "client left",
+                                                                    pin=route.prefill))
+                raise
             if first["ticket"] is None:
                 return
             try:
                 async for item in self._decode(rid, first["ticket"], route):
+                    generated += item["tokens"]
                     yield item
                 return
             except TransferFailed as e:
                 self.transfer_failures += 1
                 await self.stages.prefill.call("release", rid, False, str(e), pin=route.prefill)
+                if attempt == self.max_retries:
+                    raise
+            except Exception:                        # the decode instance failed mid-stream: migrate
+                self.migrations += 1
                 if attempt == self.max_retries:
                     raise
 

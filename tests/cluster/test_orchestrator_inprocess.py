@@ -109,3 +109,43 @@ def test_client_leaving_after_the_first_token_frees_prefill_blocks(servers, tiny
 
     assert len(asyncio.run(first_token_then_leave())["tokens"]) == 1
     asyncio.run(assert_nothing_held(prefill, decode))
+
+
+class DyingDecode:
+    """A decode stage whose first stream dies after `after` token messages, like a replica lost
+    mid-stream; later streams are served normally by the real server behind it."""
+
+    def __init__(self, server, after: int):
+        self.server, self.after, self.deaths = server, after, 0
+
+    async def decode(self, rid, ticket):
+        sent = 0
+        async for item in self.server.decode(rid, ticket):
+            yield item
+            sent += "tokens" in item
+            if self.deaths == 0 and sent == self.after:
+                self.deaths += 1
+                raise RuntimeError("decode replica died")
+
+    async def stats(self):
+        return await self.server.stats()
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_qwen2_vl"])
+def test_decode_dying_mid_stream_migrates_to_identical_tokens(family, request, trisect_cache, make_image):
+    model = request.getfixturevalue(family)
+    preset = {"tiny_llava": "tiny-llava", "tiny_qwen2_vl": "tiny-qwen2-vl"}[family]
+    prefill = LLMServer(preset, "prefill", ENGINE, transfer="fake", cache_dir=str(trisect_cache))
+    decode = LLMServer(preset, "decode", ENGINE, transfer="fake", cache_dir=str(trisect_cache))
+    dying = DyingDecode(decode, after=5)
+    orch = Orchestrator("pd", Stages(prefill=StageClient(prefill, is_handle=False),
+                                     decode=StageClient(dying, is_handle=False)))
+    try:
+        image = make_image(61)
+        tokens = asyncio.run(collect(orch, "migrant", model, "what happens next", [image], 16))
+        assert dying.deaths == 1 and orch.migrations == 1
+        assert tokens == hf_greedy(model, "what happens next", [image], 16)
+        asyncio.run(assert_nothing_held(prefill, decode))
+    finally:
+        prefill.loop.close()
+        decode.loop.close()
