@@ -117,6 +117,7 @@ def main(argv=None) -> int:
             local.append(inprocess_ttft(engine, vision, prepared.token_ids, pixels, sampling, f"l{i}") * 1e3)
             epd.append(loop.run_until_complete(epd_ttft(orch, prepared.token_ids, pixels, sampling, f"e{i}")) * 1e3)
             http.append(http_ttft(base, png.getvalue(), text) * 1e3)
+        loop.run_until_complete(asyncio.sleep(0.2))     # let the last early-exit releases finish
         loop.close()
     finally:
         serve.shutdown()
