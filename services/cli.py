@@ -26,19 +26,6 @@ def _bench(argv: list[str]) -> int:
     return importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0
 
 
-def _redis(argv: list[str]) -> int:
-    import time
-
-    from cluster.redis_server import RedisServer
-    with RedisServer() as server:
-        print(server.url, flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -54,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.client import main as client
         return client(rest)
     if cmd == "redis":
-        return _redis(rest)
+        from cluster.redis_server import main as redis
+        return redis(rest)
     print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -143,30 +143,26 @@ class Peers:
         return times, got
 
     def collective(self, payload: KVPayload) -> tuple[dict, int]:
-        t0 = time.monotonic()
-        sender = backend("collective")[0](payload)
-        ticket = sender.start()
-        t_start = time.monotonic()
-        self.inbox.put(("collective", ticket))
-        t_done, got, err = self._reply(timeout_s=120)
-        if err:
-            raise RuntimeError(f"collective receiver failed: {err}")
-        sender.worker.done.wait(30)            # the send thread must finish before its store goes away
-        _ack(sender)
-        return {"total": t_done - t0, "put": t_start - t0}, got
+        # the send thread must finish before its store goes away
+        return self._via_child("collective", payload, lambda sender: sender.worker.done.wait(30))
 
     def shm(self, payload: KVPayload) -> tuple[dict, int]:
+        return self._via_child("shm", payload)
+
+    def _via_child(self, name: str, payload: KVPayload, before_ack=None) -> tuple[dict, int]:
+        """Sender here, receiver in the spawned child: time from start() to the child holding the KV."""
         t0 = time.monotonic()
-        sender = backend("shm")[0](payload)
+        sender = backend(name)[0](payload)
         ticket = sender.start()
         t_put = time.monotonic()
-        self.inbox.put(("shm", ticket))
+        self.inbox.put((name, ticket))
         t_done, got, err = self._reply(timeout_s=120)
         if err:
-            raise RuntimeError(f"shm receiver failed: {err}")
+            raise RuntimeError(f"{name} receiver failed: {err}")
+        if before_ack is not None:
+            before_ack(sender)
         _ack(sender)
         return {"total": t_done - t0, "put": t_put - t0}, got
-
 
     def _reply(self, timeout_s: float):
         end = time.monotonic() + timeout_s

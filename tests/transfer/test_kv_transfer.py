@@ -99,34 +99,32 @@ def test_objectstore_carries_bfloat16_kv_bit_exact(ray_local):
     assert got.kv.dtype == torch.bfloat16 and torch.equal(got.kv, p.kv)
 
 
-def _collective_receiver(ticket, out):
+def _receive_in_child(name, ticket, out):
     from decoders.kv_transfer import backend as b
-    rx = b("collective")[1](ticket)
-    got = rx.wait()
-    out.put((got.kv.tolist(), got.token_ids))
+    got = b(name)[1](ticket).wait()
+    out.put((got.kv.tolist(), got.token_ids, str(got.kv.dtype)))
 
 
-def test_collective_gloo_between_processes():
-    Sender, _ = backend("collective")
-    p = payload(n=32)
-    sender = Sender(p)
+def _transfer_to_child(name, p):
+    """Start a transfer here, receive it in a spawned process; (sender, ticket, what it received)."""
+    sender = backend(name)[0](p)
     ticket = sender.start()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_collective_receiver, args=(ticket, out))
+    proc = ctx.Process(target=_receive_in_child, args=(name, ticket, out))
     proc.start()
-    kv, tokens = out.get(timeout=60)
+    received = out.get(timeout=60)
     proc.join(timeout=30)
+    return sender, ticket, received
+
+
+def test_collective_gloo_between_processes():
+    p = payload(n=32)
+    sender, _, (kv, tokens, _) = _transfer_to_child("collective", p)
     assert torch.equal(torch.tensor(kv), p.kv) and tokens == p.token_ids
     assert sender.poll() is S.TRANSFERRING
     sender.ack(True)
     assert sender.poll() is S.SUCCESS
-
-
-def _shm_receiver(ticket, out):
-    from decoders.kv_transfer import backend as b
-    got = b("shm")[1](ticket).wait()
-    out.put((got.kv.tolist(), got.token_ids, str(got.kv.dtype)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -134,14 +132,7 @@ def test_shm_between_processes_and_segment_reuse(dtype):
     Sender, _ = backend("shm")
     p = payload(n=24)
     p.kv = p.kv.to(dtype)
-    sender = Sender(p)
-    ticket = sender.start()
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_shm_receiver, args=(ticket, out))
-    proc.start()
-    kv, tokens, got_dtype = out.get(timeout=60)
-    proc.join(timeout=30)
+    sender, ticket, (kv, tokens, got_dtype) = _transfer_to_child("shm", p)
     assert torch.equal(torch.tensor(kv, dtype=dtype), p.kv) and tokens == p.token_ids and got_dtype == str(dtype)
     assert sender.poll() is S.TRANSFERRING, "the segment is held until the verdict"
     sender.ack(True)
