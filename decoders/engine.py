@@ -15,6 +15,7 @@ import torch
 
 from decoders.block_manager import BlockManager
 from decoders.config import EngineConfig
+from decoders.host_memory import retain_freed_memory
 from decoders.kv_payload import KVPayload, PayloadImage
 from decoders.model_runner import ModelRunner
 from decoders.sampling import SamplingParams, sample
@@ -37,6 +38,8 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if config.retain_freed_memory:
+            retain_freed_memory()
         self.loaded = loaded
         self.runner = ModelRunner(loaded, config)
         self.block_manager = BlockManager(self.runner.pool.num_blocks, config.block_size, config.enable_prefix_caching)

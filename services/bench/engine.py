@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from decoders.config import EngineConfig
 from decoders.engine import Engine
+from decoders.host_memory import retain_freed_memory
 from decoders.model import load_model
 from decoders.sampling import SamplingParams
 
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()  # the engine does this anyway; up front, every contender runs under it
     loaded = load_model(args.model)
     print(f"model {args.model}  threads {torch.get_num_threads()}  prompt {args.prompt_tokens}  new {args.new_tokens}")
     print(f"{'batch':>5} {'trisect tok/s':>14} {'hf seq tok/s':>13} {'hf batch tok/s':>15} {'x seq':>7} {'x batch':>8} exact")
