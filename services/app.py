@@ -83,7 +83,8 @@ def build_app(config: ClusterConfig) -> serve.Application:
             bound[name] = d.bind(config.model, config.encoder_cache_mib * 2**20, stage.threads, **common)
         elif name in ("prefill", "decode", "aggregated"):
             d = serve.deployment(LLMServer).options(**stage_options(name, stage))
-            bound[name] = d.bind(config.model, name, engine, config.transfer, stage.threads, **common)
+            bound[name] = d.bind(config.model, name, engine, config.transfer, stage.threads, **common,
+                                 prefault_object_store=config.prefault_object_store)
     ingress = serve.deployment(Ingress).options(**stage_options("ingress", config.stages["ingress"]))
     return ingress.bind(config.to_dict(), **bound)
 

@@ -84,7 +84,8 @@ class EncodeServer:
 
 class LLMServer:
     def __init__(self, model: str, role: str, engine: dict | None = None, transfer: str = "objectstore",
-                 threads: int | None = None, cache_dir: str | None = None, redis_url: str | None = None):
+                 threads: int | None = None, cache_dir: str | None = None, redis_url: str | None = None,
+                 prefault_object_store: bool = False):
         from decoders.config import EngineConfig
         from decoders.engine import Engine
         from decoders.kv_transfer import backend
@@ -100,6 +101,9 @@ class LLMServer:
             from encoders.vision import VisionEncoder
             self.vision = VisionEncoder(self.loaded)
         self.sender_cls, self.receiver_cls = backend(transfer)
+        if transfer == "objectstore" and role != "aggregated" and prefault_object_store:
+            from decoders.kv_transfer.objectstore import prefault_plasma
+            prefault_plasma()                      # now, so no request's KV put pays the page faults
         self.senders: dict = {}
         self.instance_id = _replica_id()
         self._reaper: asyncio.Task | None = None

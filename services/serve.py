@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int)
     ap.add_argument("--kv-cache-memory", type=int, help="MiB of KV cache per engine")
+    ap.add_argument("--object-store-memory", type=int, help="MiB of plasma store of the local Ray head (2048)")
     ap.add_argument("--redis-url", help="an existing Redis; without it a private redis-server is started")
     ap.add_argument("--api-keys", help="comma-separated API keys (env TRISECT_API_KEYS)")
     return ap.parse_args(argv)
@@ -41,6 +42,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     base = ClusterConfig.from_yaml(args.config).to_dict() if args.config else {"mode": "epd"}
     flags = {"model": args.model, "mode": None if args.mode == "local" else args.mode, "transfer": args.transfer,
              "grpc_port": args.grpc_port, "kv_cache_memory_mib": args.kv_cache_memory, "redis_url": args.redis_url,
+             "object_store_memory_mib": args.object_store_memory,
              "api_keys": args.api_keys.split(",") if args.api_keys else None}
     base.update({k: v for k, v in flags.items() if v is not None})
     stages = base.setdefault("stages", {})
@@ -67,7 +69,8 @@ def serve_cluster(cfg: ClusterConfig, host: str, http_port: int) -> None:
         ray.init(address=address)
     else:
         pools = {p: 64 for p in ("encode_pool", "prefill_pool", "decode_pool")}
-        ray.init(resources=pools, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        ray.init(resources=pools, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+                 **cfg.ray_head_options())
     try:
         serve.start(http_options={"host": host, "port": http_port})
         print(f"deploying {cfg.model} in {cfg.mode} mode: "

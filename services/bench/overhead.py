@@ -95,12 +95,13 @@ def main(argv=None) -> int:
     pixels = [(hashlib.sha256(png.getvalue()).hexdigest(), prepared.pixel_inputs[0])]
     sampling = SamplingParams(max_tokens=2, ignore_eos=True)
 
+    cfg = ClusterConfig(model=args.model, mode="epd", grpc_port=None, kv_cache_memory_mib=32,
+                        stages={"encode": {"replicas": 1}})
     ray.init(resources={p: 8 for p in ("encode_pool", "prefill_pool", "decode_pool")}, include_dashboard=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), logging_level="ERROR", log_to_driver=False)
+             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), logging_level="ERROR", log_to_driver=False,
+             **cfg.ray_head_options())             # the store `trisect serve` starts, prefaulted the same way
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
-        cfg = ClusterConfig(model=args.model, mode="epd", grpc_port=None, kv_cache_memory_mib=32,
-                            stages={"encode": {"replicas": 1}})
         serve.run(build_app(cfg), name="bench", route_prefix="/")
         handle = lambda name: StageClient(serve.get_deployment_handle(name, app_name="bench"), is_handle=True)
         orch = Orchestrator("epd", Stages(encode=handle("EncodeServer"), prefill=handle("PrefillServer"),

@@ -19,8 +19,11 @@ def serve_cluster():
     from ray import serve
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")   # short: Ray's socket paths are length-limited
     port = free_port()
+    # a bounded store, as `trisect serve` starts: prefill/decode replicas prefault all of it (256 MiB
+    # is plenty for tiny-model KV; Ray's default, 30% of RAM, would make that seconds and gigabytes)
     ray.init(num_cpus=2, resources={"encode_pool": 8, "prefill_pool": 8, "decode_pool": 8}, _temp_dir=tmp,
-             include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+             include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             object_store_memory=256 * 2**20)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"

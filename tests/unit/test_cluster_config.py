@@ -48,3 +48,11 @@ def test_config_validation_and_yaml_round_trip(tmp_path):
     cfg = ClusterConfig.from_yaml(str(path))
     assert cfg.model == "tiny-qwen2-vl" and cfg.stages["decode"].replicas == 3
     assert ClusterConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_object_store_options_for_a_local_head():
+    assert ClusterConfig().ray_head_options() == {"object_store_memory": 2048 * 2**20}
+    assert ClusterConfig().prefault_object_store is True
+    assert ClusterConfig(object_store_memory_mib=None).ray_head_options() == {}   # Ray's own default
+    with pytest.raises(ValueError, match="object_store_memory_mib"):
+        ClusterConfig(object_store_memory_mib=8)
