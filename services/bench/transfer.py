@@ -6,11 +6,14 @@ layout, 128 KiB per token), T chosen so the KV is exactly each `--sizes-mib`. Ea
 from just before `sender.start()` to the moment the receiving process holds the KV as a torch
 tensor (`receiver.wait()` returned); both ends read the same system-wide CLOCK_MONOTONIC.
 
-- objectstore: private local Ray (2 CPUs); sender in this driver, receiver in a Ray actor on the
-  same node. On one node the receiver's `ray.get` maps plasma memory (zero-copy), so the split is
-  also reported: put (sender's `ray.put`, the one real copy), get (receiver's wait+get), and the
-  receiver's materialisation (`copy_` into its own preallocated memory — what importing into a
-  paged cache costs on top; one torch thread, as Ray gives a 1-CPU actor), with GB/s including it.
+- objectstore: private local Ray (2 CPUs) with the plasma store `trisect serve` starts
+  (ClusterConfig's object_store_memory_mib, `--object-store-mib`), prefaulted in sender and receiver
+  as prefill/decode replicas do (`--no-prefault`: not); sender in this driver, receiver in a Ray
+  actor on the same node. On one node the receiver's `ray.get` maps plasma memory (zero-copy), so
+  the split is also reported: put (sender's `ray.put`, the one real copy), get (receiver's
+  wait+get), and the receiver's materialisation (`copy_` into its own preallocated memory — what
+  importing into a paged cache costs on top; one torch thread, as Ray gives a 1-CPU actor), with
+  GB/s including it. The rest of the total is the Ray actor call that carries the ticket.
 - shm: the sender copies into a reused shared-memory segment; the receiver (a spawned subprocess)
   maps it and holds a view — one copy, into pages that stay faulted in across transfers.
 - collective: gloo over loopback between this driver (rank 0) and a spawned subprocess (rank 1);
@@ -36,6 +39,7 @@ import zlib
 import torch
 from tqdm import tqdm
 
+from cluster.config import ClusterConfig
 from decoders.kv_payload import KVPayload
 from decoders.kv_transfer import TransferState, backend
 from decoders.sampling import SamplingParams
@@ -64,8 +68,11 @@ def make_payload(tokens: int, seed: int = 0) -> KVPayload:
 class _RayReceiver:
     """The decode side of the objectstore backend, living in a Ray actor (another process)."""
 
-    def __init__(self):
+    def __init__(self, prefault: bool):
         self.cache: dict[tuple, torch.Tensor] = {}
+        if prefault:                       # as a decode replica does at start-up
+            from decoders.kv_transfer.objectstore import prefault_plasma
+            prefault_plasma()
 
     def receive(self, ticket) -> tuple[float, float, float, int]:
         t_enter = time.monotonic()
@@ -98,8 +105,9 @@ class Peers:
     """The receiving processes, started once (their start-up isn't part of any transfer) and always
     torn down on exit, error or not."""
 
-    def __init__(self, backends: list[str]):
-        self.backends, self.actor, self.proc, self._tmp, self._own_ray = backends, None, None, None, False
+    def __init__(self, backends: list[str], cluster: ClusterConfig):
+        self.backends, self.cluster = backends, cluster
+        self.actor, self.proc, self._tmp, self._own_ray = None, None, None, False
 
     def __enter__(self):
         if "objectstore" in self.backends:
@@ -108,9 +116,12 @@ class Peers:
                 # address="local": a private cluster even when RAY_ADDRESS points at a real one
                 self._tmp = tempfile.TemporaryDirectory(prefix="trisect-ray-", ignore_cleanup_errors=True)
                 ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=self._tmp.name,
-                         logging_level="ERROR", log_to_driver=False)
+                         logging_level="ERROR", log_to_driver=False, **self.cluster.ray_head_options())
                 self._own_ray = True
-            self.actor = ray.remote(num_cpus=1)(_RayReceiver).remote()
+            from decoders.kv_transfer.objectstore import prefault_plasma
+            if prefault := self.cluster.prefault_object_store:
+                prefault_plasma()              # this driver is the prefill side
+            self.actor = ray.remote(num_cpus=1)(_RayReceiver).remote(prefault)
         if {"collective", "shm"} & set(self.backends):
             ctx = mp.get_context("spawn")      # fork would copy this process's Ray/gloo threads
             self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
@@ -233,8 +244,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backends", default="objectstore,shm,collective",
                     help="comma-separated, of objectstore,shm,collective")
+    ap.add_argument("--object-store-mib", type=int, default=ClusterConfig().object_store_memory_mib,
+                    help="plasma store size of the private Ray (ClusterConfig.object_store_memory_mib)")
+    ap.add_argument("--no-prefault", dest="prefault", action="store_false",
+                    help="don't prefault the store in sender and receiver (ClusterConfig.prefault_object_store)")
     ap.add_argument("--json", dest="json_path", default=None, help="write results here")
     args = ap.parse_args(argv)
+    cluster = ClusterConfig(object_store_memory_mib=args.object_store_mib, prefault_object_store=args.prefault)
     sizes = [int(x) for x in args.sizes_mib.split(",")]
     backends = [b for b in args.backends.split(",") if b]
     if bad := set(backends) - {"objectstore", "shm", "collective"}:
@@ -244,8 +260,10 @@ def main(argv=None) -> int:
     print(f"KV fp16 [{LAYERS}, 2, T, {HEADS}, {HEAD_DIM}] ({TOKEN_BYTES // 1024} KiB/token), median of "
           f"{args.repeats}, GB/s = 1e9 B/s; memcpy = torch dst.copy_(src), preallocated dst, one process, "
           f"{torch.get_num_threads()} torch threads", flush=True)
+    if "objectstore" in backends:
+        print(f"object store: {args.object_store_mib} MiB, prefault_object_store={args.prefault}", flush=True)
     results = []
-    with Peers(backends) as peers:
+    with Peers(backends, cluster) as peers:
         warm = make_payload(1)
         for b in backends:                     # first-call costs (imports, actor/rank start-up) stay out
             getattr(peers, b)(warm)
@@ -279,6 +297,7 @@ def main(argv=None) -> int:
             json.dump({"kv_layout": {"layers": LAYERS, "kv_heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float16"},
                        "memcpy_method": "torch dst.copy_(src), preallocated dst, single process",
                        "torch_threads": torch.get_num_threads(), "target_ratio": TARGET,
+                       "object_store_memory_mib": args.object_store_mib, "prefault_object_store": args.prefault,
                        "target_met": all(r["ratio_to_memcpy"] >= TARGET for r in goal) if goal else None,
                        "results": results}, f, indent=2)
     return 0

@@ -10,8 +10,9 @@ from services.bench import transfer
 @pytest.mark.slow
 def test_bench_transfer_end_to_end(tmp_path):
     out = tmp_path / "transfer.json"
-    assert transfer.main(["--sizes-mib", "4", "--repeats", "2", "--json", str(out)]) == 0
+    assert transfer.main(["--sizes-mib", "4", "--repeats", "2", "--object-store-mib", "256", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert data["object_store_memory_mib"] == 256 and data["prefault_object_store"] is True
     rows = {r["backend"]: r for r in data["results"]}
     assert set(rows) == {"memcpy", "objectstore", "shm", "collective"}
     for r in rows.values():
