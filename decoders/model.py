@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                           AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
                           ProcessorMixin, Qwen2VLProcessor)
+
+from decoders.vision_only import VISION_PARTS as _VISION_PARTS
+from decoders.vision_only import load_vision_only as _load_vision_only
 
 PRESETS = ("tiny-llava", "tiny-qwen2-vl")
 _BUILD_LOCK = threading.Lock()
@@ -216,11 +218,6 @@ class PreparedPrompt:
 
 
 _FAMILY_OF = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl"}
-# vision submodules of model.model per family, and legacy (pre-5.x) checkpoint key prefixes
-_VISION_PARTS = {"llava": ("vision_tower", "multi_modal_projector"), "qwen2_vl": ("visual",)}
-_LEGACY_PREFIX = {"llava": {"vision_tower.": "model.vision_tower.",
-                            "multi_modal_projector.": "model.multi_modal_projector."},
-                  "qwen2_vl": {"visual.": "model.visual."}}
 
 
 def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_only=False,
@@ -256,29 +253,6 @@ def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_on
                        family=family, path=path, image_token_id=None if family == "text" else config.image_token_id,
                        eos_token_ids=tuple(eos), vision_only=vision_only or frontend_only,
                        max_model_len=getattr(config.get_text_config(), "max_position_embeddings", 4096))
-
-
-def _load_vision_only(path: Path, config, family: str, dtype) -> nn.Module:
-    with torch.device("meta"):  # lays out the whole model without allocating a byte
-        model = AutoModelForImageTextToText._model_mapping[type(config)](config)
-    del model.model.language_model, model.lm_head
-    for name in _VISION_PARTS[family]:
-        # rebuild for real on CPU: non-persistent buffers (rotary inv_freq, CLIP position_ids)
-        # are computed at construction and are not in the checkpoint
-        cls = type(getattr(model.model, name))
-        real = cls(config) if name == "multi_modal_projector" else cls._from_config(config.vision_config)
-        setattr(model.model, name, real)
-    wanted, found = model.state_dict(), {}
-    for file in sorted(path.glob("*.safetensors")):  # one file or the shards of a big checkpoint
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                new = next((n + key[len(o):] for o, n in _LEGACY_PREFIX[family].items() if key.startswith(o)), key)
-                if new in wanted:
-                    found[new] = f.get_tensor(key)
-    if missing := sorted(set(wanted) - set(found)):
-        raise ValueError(f"{path}: vision weights missing from checkpoint: {missing[:5]}")
-    model.load_state_dict(found, strict=True)
-    return model.to(dtype).eval()
 
 
 def prepare_prompt(loaded: LoadedModel, text: str, images: list) -> PreparedPrompt:
