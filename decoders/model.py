@@ -35,6 +35,8 @@ from decoders.vision_only import VISION_PARTS as _VISION_PARTS
 from decoders.vision_only import load_vision_only as _load_vision_only
 
 PRESETS = ("tiny-llava", "tiny-qwen2-vl")
+# bench-scale only (`trisect bench memory --model small-llava`), never used by tests: ~3 GB on disk
+BENCH_PRESETS = ("small-llava",)
 _BUILD_LOCK = threading.Lock()
 _BUILDER_VERSION = 1  # bump when the build recipe changes, so old cache dirs are not reused
 
@@ -51,6 +53,14 @@ _SPECS = {
         vision=dict(depth=3, embed_dim=192, num_heads=4, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2, initializer_range=0.1),
         min_pixels=56 * 56, max_pixels=112 * 112),  # 56x56 .. 112x112 px -> 4 .. 16 image tokens
+    # LLaVA-1.5's proportions at ~1/10 scale, so the LM dwarfs the vision side as in real models: a
+    # CLIP-like tower (224 px, 14 px patches, 256 image tokens) + projector of 43.5 M params against a
+    # 729.9 M-param Llama LM (vision 5.6% of weights; llava-1.5-7b: 4.6%). Init 0.02, as real models
+    "small-llava": dict(family="llava", text=dict(
+        _TEXT, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=4, initializer_range=0.02), vision=dict(
+        image_size=224, patch_size=14, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=8, initializer_range=0.02)),
 }
 _WORDS = """the a an and or but if then when while because of to in on at by for with from about into over under after
 cat dog bird fish horse lion bear fox red green blue yellow black white small large big tiny tall short image picture
@@ -83,7 +93,7 @@ def default_cache_dir() -> Path:
 
 def ensure_preset(name: str, cache_dir: Path | None = None) -> Path:
     if name not in _SPECS:
-        raise ValueError(f"unknown preset {name!r}; known: {PRESETS}")
+        raise ValueError(f"unknown preset {name!r}; known: {tuple(_SPECS)}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     recipe = [_BUILDER_VERSION, _SPECS[name], _WORDS, _SYLLABLES, _TEMPLATE]  # all that shapes the checkpoint
     final = cache_dir / f"{name}-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]}"
@@ -226,7 +236,7 @@ def load_model(name_or_path: str, cache_dir=None, dtype=torch.float32, vision_on
     validate and tokenize requests); vision_only: plus the vision tower and projector."""
     path = ensure_preset(name_or_path, cache_dir) if name_or_path in _SPECS else Path(name_or_path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint dir")
+        raise FileNotFoundError(f"{path} is neither a preset ({', '.join(_SPECS)}) nor a checkpoint dir")
     config = AutoConfig.from_pretrained(path)
     family = _FAMILY_OF.get(config.model_type) or (
         "text" if type(config) in AutoModelForCausalLM._model_mapping and not hasattr(config, "vision_config") else None)

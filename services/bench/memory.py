@@ -13,7 +13,8 @@ The parent builds the checkpoint first (a build must not count), then prints MiB
 encode / aggregated (target ≤ 0.2), the same ratio above the imports floor, and `--json FILE`.
 At tiny-preset scale the ~330 MiB floor (torch alone ~220 MiB) dominates both processes, so the
 whole-process ratio is far above the target while the part each replica adds is not; with a real
-checkpoint the floor is noise next to the LLM weights and its KV pool.
+checkpoint the floor is noise next to the LLM weights and its KV pool. `--model small-llava` is
+such a checkpoint at ~1/10 of LLaVA-1.5-7B (a bench-only preset: 773 M params, ~3 GB, built once).
 """
 from __future__ import annotations
 
@@ -108,31 +109,39 @@ def measure(kind: str, model: str, cache_dir: str | None) -> dict:
     env = dict(os.environ)
     if cache_dir:
         env["TRISECT_CACHE"] = cache_dir  # the children must find the checkpoint the build child made
+    # the build's own progress (HF's "Writing model shards" bar: small-llava takes ~25 s) goes to the
+    # terminal; a measurement's stderr is kept for the error message
     proc = subprocess.run([sys.executable, "-m", "services.bench.memory", "--child", kind, "--model", model],
-                          env=env, capture_output=True, text=True, check=False)
+                          env=env, stdout=subprocess.PIPE, stderr=None if kind == "build" else subprocess.PIPE,
+                          text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{kind} child failed ({proc.returncode}):\n{(proc.stderr or '')[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="trisect bench memory", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-llava", help="preset name or local checkpoint dir")
+    ap.add_argument("--model", default="tiny-llava",
+                    help="preset name (tiny-llava, tiny-qwen2-vl, small-llava) or local checkpoint dir")
     ap.add_argument("--cache-dir", default=None, help="where presets are built (default $TRISECT_CACHE)")
     ap.add_argument("--json", dest="json_path", default=None, help="write results here")
     ap.add_argument("--child", choices=KINDS + ("build",), help=argparse.SUPPRESS)  # internal: one measurement
     args = ap.parse_args(argv)
     if args.child == "build":  # resolve a preset name to its (built once) checkpoint dir
-        from decoders.model import PRESETS, ensure_preset
-        path = ensure_preset(args.model) if args.model in PRESETS else args.model
+        from decoders.model import BENCH_PRESETS, PRESETS, ensure_preset
+        path = ensure_preset(args.model) if args.model in PRESETS + BENCH_PRESETS else args.model
         print(json.dumps({"path": str(path)}), flush=True)
         return 0
     if args.child:
         print(json.dumps(_child(args.child, args.model)), flush=True)
         return 0
 
+    print(f"resolving {args.model} (a preset is built once, then cached) ...", file=sys.stderr, flush=True)
     model = measure("build", args.model, args.cache_dir)["path"]
-    runs = {kind: measure(kind, model, args.cache_dir) for kind in KINDS}
+    runs = {}
+    for i, kind in enumerate(KINDS, 1):  # one fresh process each: several seconds apiece at small-llava scale
+        print(f"[{i}/{len(KINDS)}] {kind} ...", file=sys.stderr, flush=True)
+        runs[kind] = measure(kind, model, args.cache_dir)
     bare, base, enc, agg, small = (runs[k]["peak_rss_bytes"] for k in KINDS)
     result = {"model": args.model, "runs": runs, "baseline_peak_mib": bare / MIB, "imports_peak_mib": base / MIB,
               "encode_peak_mib": enc / MIB, "aggregated_peak_mib": agg / MIB,
