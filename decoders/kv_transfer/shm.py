@@ -10,9 +10,12 @@ after the decode engine has imported, so the memory is never reused while being 
 """
 from __future__ import annotations
 
+import _posixshmem                                # what SharedMemory itself opens segments with
 import math
+import mmap
+import os
 import threading
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import torch
 
@@ -48,18 +51,23 @@ _POOL = _SegmentPool()
 # Receiver side: segments mapped once and kept, by name. A tensor viewing a segment does not keep
 # the mapping alive, so it must outlive every view; the sender reuses its segments, so this stays
 # as small as the senders' pools, and mapped pages stay warm for the next transfer.
-_ATTACHED: dict[str, shared_memory.SharedMemory] = {}
+_ATTACHED: dict[str, mmap.mmap] = {}
 _ATTACH_LOCK = threading.Lock()
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
+def _attach(name: str) -> mmap.mmap:
     with _ATTACH_LOCK:
         seg = _ATTACHED.get(name)
         if seg is None:
-            seg = shared_memory.SharedMemory(name=name)
-            # attaching registers the segment with this process's resource tracker, which would
-            # unlink the sender's segment when we exit: it is not ours to remove
-            resource_tracker.unregister(seg._name, "shared_memory")
+            # mapped by hand: SharedMemory(name=...) would register the sender's segment with this
+            # process's resource tracker (unlinked when we exit), and unregistering it again is no
+            # better — a multiprocessing child shares its parent's tracker, so that dropped the
+            # creator's own registration and every segment outlived its creator in /dev/shm
+            fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+            try:
+                seg = mmap.mmap(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)                  # the mapping stays valid without the descriptor
             _ATTACHED[name] = seg
         return seg
 
@@ -99,6 +107,6 @@ class ShmReceiver(KVReceiver):
         t = self.ticket
         seg = _attach(t["segment"])
         n = math.prod(t["shape"])
-        kv = torch.frombuffer(seg.buf, dtype=_dtype(t["dtype"]), count=n).view(t["shape"])
+        kv = torch.frombuffer(seg, dtype=_dtype(t["dtype"]), count=n).view(t["shape"])
         self._payload = KVPayload.from_dict({**t["rest"], "kv": kv})
         self.state = TransferState.SUCCESS

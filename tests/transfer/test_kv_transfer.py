@@ -1,5 +1,8 @@
 """The sender/receiver poll state machines of every backend, with a real payload."""
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -156,3 +159,21 @@ def test_shm_between_processes_and_segment_reuse(dtype):
     again = Sender(payload(n=24, seed=1))
     assert again.start()["segment"] == ticket["segment"], "a finished transfer's segment is reused"
     again.ack(False)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="checks POSIX shared memory where Linux keeps it")
+def test_shm_segment_is_removed_when_its_creator_exits():
+    """A multiprocessing child shares its parent's resource tracker: attaching there must leave the
+    creator's registration alone, or the segment outlives its creator in /dev/shm."""
+    here, root = os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    code = (f"import sys; sys.path[:0] = [{here!r}, {root!r}]\n"
+            "from test_kv_transfer import _transfer_to_child, payload\n"
+            "sender, ticket, _ = _transfer_to_child('shm', payload())\n"
+            "sender.ack(True)\n"
+            "print(ticket['segment'])\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    path = f"/dev/shm/{out.stdout.split()[-1]}"
+    end = time.monotonic() + 10
+    while os.path.exists(path) and time.monotonic() < end:   # the tracker unlinks once its parent is gone
+        time.sleep(0.05)
+    assert not os.path.exists(path)
