@@ -62,6 +62,8 @@ class ClusterConfig:
     max_num_batched_tokens: int = 2048
     max_encoders_per_request: int = 2
     encoder_cache_mib: int = 256
+    # an encode result bigger than this goes E→P through the object store, not through the ingress
+    embed_inline_limit_kib: int = 1024
     redis_url: str | None = None
     rate_limit_per_s: float | None = None  # per API key, token bucket (needs Redis); None: unlimited
     rate_limit_burst: int = 20
@@ -78,6 +80,8 @@ class ClusterConfig:
         self.stages = {name: s if isinstance(s, StageConfig) else StageConfig(**s) for name, s in self.stages.items()}
         for name in self.stage_names():
             self.stages.setdefault(name, StageConfig())
+        if self.embed_inline_limit_kib < 0:
+            raise ValueError("embed_inline_limit_kib must be >= 0 (0: always through the object store)")
         if self.object_store_memory_mib is not None and self.object_store_memory_mib < 64:
             raise ValueError("object_store_memory_mib must be >= 64 (or None for Ray's default)")
 

@@ -80,7 +80,8 @@ def build_app(config: ClusterConfig) -> serve.Application:
         stage = config.stages[name]
         if name == "encode":
             d = serve.deployment(EncodeServer).options(**stage_options(name, stage))
-            bound[name] = d.bind(config.model, config.encoder_cache_mib * 2**20, stage.threads, **common)
+            bound[name] = d.bind(config.model, config.encoder_cache_mib * 2**20, stage.threads, **common,
+                                 inline_limit_bytes=config.embed_inline_limit_kib * 2**10)
         elif name in ("prefill", "decode", "aggregated"):
             d = serve.deployment(LLMServer).options(**stage_options(name, stage))
             bound[name] = d.bind(config.model, name, engine, config.transfer, stage.threads, **common,

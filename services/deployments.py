@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from encoders.stored import DEFAULT_INLINE_LIMIT_BYTES, maybe_store, resolve
+
 log = logging.getLogger(__name__)
 _REAP_INTERVAL_S = 1.0
 
@@ -46,12 +48,15 @@ def _set_threads(threads: int | None) -> None:
 
 class EncodeServer:
     def __init__(self, model: str, cache_bytes: int = 256 * 2**20, threads: int | None = None,
-                 cache_dir: str | None = None, redis_url: str | None = None):
+                 cache_dir: str | None = None, redis_url: str | None = None,
+                 inline_limit_bytes: int = DEFAULT_INLINE_LIMIT_BYTES):
         from cluster.registry import Load
         from encoders.worker import EncoderWorker
         from services.presence import maybe_presence
         _set_threads(threads)
         self.worker = EncoderWorker(model, cache_bytes=cache_bytes, cache_dir=cache_dir)
+        self.inline_limit_bytes = inline_limit_bytes   # bigger results go E→P via the object store
+        self.stored_results = 0
         self.instance_id = _replica_id()
         self.queued = 0
         self.advertised: set[str] = set()        # image hashes the router was told we hold
@@ -59,7 +64,8 @@ class EncodeServer:
                                        lambda: Load(encode_queue=self.queued))
 
     async def encode(self, items: list) -> list:
-        """items: [(content_hash, pixel_inputs)] → ImageEmbedding per item, in order."""
+        """items: [(content_hash, pixel_inputs)] → ImageEmbedding per item, in order (or, past
+        `inline_limit_bytes`, one StoredEmbeddings holding them all: see encoders/stored.py)."""
         self.queued += len(items)
         try:
             out = await asyncio.to_thread(self.worker.encode, items)
@@ -67,7 +73,9 @@ class EncodeServer:
             self.queued -= len(items)
         if self.presence:
             self._advertise([h for h, _ in items if h])
-        return out
+        sent = maybe_store(out, self.inline_limit_bytes)
+        self.stored_results += sent is not out
+        return sent
 
     def _advertise(self, encoded: list[str]) -> None:
         """Tell the router what this cache holds now: these images, minus whatever the LRU evicted."""
@@ -79,7 +87,7 @@ class EncodeServer:
 
     def stats(self) -> dict:
         return {"instance_id": self.instance_id, "role": "encode", "parameters": self.worker.num_parameters(),
-                "resources": _assigned_resources(), **self.worker.stats()}
+                "resources": _assigned_resources(), "stored_results": self.stored_results, **self.worker.stats()}
 
 
 class LLMServer:
@@ -121,7 +129,7 @@ class LLMServer:
 
     async def _images(self, images, pixels) -> list:
         if images is not None:
-            return list(images)
+            return await resolve(images)
         if not pixels:
             return []
         embeds = await asyncio.to_thread(self.vision.encode, [p for _, p in pixels])

@@ -40,9 +40,10 @@ def chat(base: str, text: str, images: list, max_tokens: int) -> list[int]:
 
 
 def deploy(serve_cluster, mode: str, preset: str, cache_dir, name: str | None = None, redis_url=None,
-           rate_limit_per_s=None, rate_limit_burst=20, grpc_port=None, transfer="objectstore", **stages) -> str:
+           rate_limit_per_s=None, rate_limit_burst=20, grpc_port=None, transfer="objectstore",
+           embed_inline_limit_kib=1024, **stages) -> str:
     cfg = ClusterConfig(model=preset, mode=mode, cache_dir=str(cache_dir), grpc_port=grpc_port, redis_url=redis_url,
-                        transfer=transfer,
+                        transfer=transfer, embed_inline_limit_kib=embed_inline_limit_kib,
                         kv_cache_memory_mib=32, rate_limit_per_s=rate_limit_per_s, rate_limit_burst=rate_limit_burst,
                         stages=stages)
     name = name or f"{mode}-{preset}" + ("-redis" if redis_url else "")
@@ -85,8 +86,11 @@ def redis_url():
 def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image, mode, family):
     model = request.getfixturevalue(family)
     # aggregated and pd run without Redis (Serve balances alone); epd with the Redis router, which
-    # is what splits one request's images over distinct encoders
-    extra = {"encode": {"replicas": 2}, "redis_url": request.getfixturevalue("redis_url")} if mode == "epd" else {}
+    # is what splits one request's images over distinct encoders. Qwen2-VL's embeddings go E→P
+    # through the object store (limit 0), tiny-llava's inline through the ingress: both paths exact
+    stored = mode == "epd" and family == "tiny_qwen2_vl"
+    extra = {"encode": {"replicas": 2}, "redis_url": request.getfixturevalue("redis_url"),
+             "embed_inline_limit_kib": 0 if stored else 1024} if mode == "epd" else {}
     base = deploy(serve_cluster, mode, PRESETS[family], trisect_cache, **extra)
     app = base.rsplit("/", 1)[1]
     try:
@@ -106,6 +110,7 @@ def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image
             for e in encoders:
                 assert e["parameters"] == vision < 0.2 * full, "encode replicas hold no LLM weights"
                 assert e["resources"].get("encode_pool") == 1
+                assert (e["stored_results"] > 0) == stored, e
         pools = {"AggregatedServer": "prefill_pool", "PrefillServer": "prefill_pool", "DecodeServer": "decode_pool"}
         for stage in {"aggregated": ["AggregatedServer"], "pd": ["PrefillServer", "DecodeServer"],
                       "epd": ["PrefillServer", "DecodeServer"]}[mode]:

@@ -56,3 +56,9 @@ def test_object_store_options_for_a_local_head():
     assert ClusterConfig(object_store_memory_mib=None).ray_head_options() == {}   # Ray's own default
     with pytest.raises(ValueError, match="object_store_memory_mib"):
         ClusterConfig(object_store_memory_mib=8)
+
+
+def test_embed_inline_limit_must_not_be_negative():
+    assert ClusterConfig(embed_inline_limit_kib=0).embed_inline_limit_kib == 0   # 0: always via the store
+    with pytest.raises(ValueError, match="embed_inline_limit_kib"):
+        ClusterConfig(embed_inline_limit_kib=-1)
