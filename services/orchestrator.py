@@ -7,6 +7,8 @@
              another instance, up to `max_retries` times; the client sees one stream
     migrate  a decode instance that dies mid-stream: prompt + the tokens streamed so far are
              re-prefilled on a live instance and decoding continues — one uninterrupted stream
+    lost     a prefill instance that dies (or the encoder owning its stored embeddings: those are
+             encoded again) is retried on another; errors of the request itself are not retried
 
 aggregated mode skips all of that: one replica runs the whole request. Stages are reached through
 `StageClient`s, so the same code drives Ray Serve handles or in-process servers (tests).
@@ -19,9 +21,20 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
+from ray.exceptions import ObjectLostError, RayActorError
+
 from cluster.request_router import pinned
 
 MODES = ("aggregated", "pd", "epd")
+
+
+def lost_instance(e: BaseException) -> bool:
+    """A replica, or the owner of an object the call needed, is gone: another instance can redo it."""
+    return isinstance(e, (RayActorError, ObjectLostError))
+
+
+def lost_object(e: BaseException) -> bool:
+    return isinstance(e, ObjectLostError)
 
 
 class StageClient:
@@ -105,6 +118,7 @@ class Orchestrator:
     max_retries: int = 2
     transfer_failures: int = 0
     migrations: int = 0
+    prefill_failures: int = 0
     # (request_id, token_ids, image hashes) -> Route; None: Ray Serve balances on its own
     router: Callable[[str, list[int], list[str]], Awaitable[Route]] | None = None
 
@@ -127,14 +141,24 @@ class Orchestrator:
             return
         images = await self.encode(pixels, route) if self.mode == "epd" and pixels else None
         generated: list[int] = []                    # tokens the client already has
+        reencode = False
         for attempt in range(self.max_retries + 1):
             if attempt:                              # continue elsewhere: ask the router afresh
                 route = await self.route(rid, token_ids, pixels)
+            if reencode:                             # the stored embeddings died with their encoder
+                images, reencode = await self.encode(pixels, route), False
             # a retry or migration re-prefills prompt + everything streamed so far: the next token
             # it samples is exactly the one the lost instance would have produced (greedy)
             left = replace(sampling, max_tokens=sampling.max_tokens - len(generated)) if generated else sampling
-            first = await self.stages.prefill.call("prefill", rid, token_ids + generated, left, images,
-                                                    None if images is not None else pixels, pin=route.prefill)
+            try:
+                first = await self.stages.prefill.call("prefill", rid, token_ids + generated, left, images,
+                                                        None if images is not None else pixels, pin=route.prefill)
+            except Exception as e:
+                if not lost_instance(e) or attempt == self.max_retries:
+                    raise                            # bad input fails the same way anywhere: no retry
+                self.prefill_failures += 1
+                reencode = images is not None and lost_object(e)
+                continue
             generated += first["tokens"]
             try:
                 yield {"tokens": first["tokens"], "finish_reason": first["finish_reason"]}

@@ -5,11 +5,12 @@ import hashlib
 import itertools
 
 import pytest
+from ray.exceptions import ActorDiedError, OwnerDiedError
 
 from decoders.kv_transfer.fake import FakeSender
 from decoders.model import prepare_prompt
 from decoders.sampling import SamplingParams
-from services.deployments import LLMServer
+from services.deployments import EncodeServer, LLMServer
 from services.orchestrator import Orchestrator, StageClient, Stages, TransferFailed
 from tests.reference import hf_greedy
 
@@ -149,3 +150,57 @@ def test_decode_dying_mid_stream_migrates_to_identical_tokens(family, request, t
     finally:
         prefill.loop.close()
         decode.loop.close()
+
+
+class FailingPrefill:
+    """A prefill stage whose first `times` calls fail with `error`, then the real server serves."""
+
+    def __init__(self, server, error: BaseException, times: int = 1):
+        self.server, self.error, self.left, self.calls = server, error, times, 0
+
+    async def prefill(self, *args):
+        self.calls += 1
+        if self.left:
+            self.left -= 1
+            raise self.error
+        return await self.server.prefill(*args)
+
+    async def release(self, *args):
+        return await self.server.release(*args)
+
+
+class CountingEncode:
+    def __init__(self, server):
+        self.server, self.calls = server, 0
+
+    async def encode(self, items):
+        self.calls += 1
+        return await self.server.encode(items)
+
+
+@pytest.mark.parametrize("error, reencodes", [
+    (ActorDiedError(), 0),                                        # the prefill replica died
+    (OwnerDiedError("ab" * 28, None, ""), 1)])                    # the encoder holding its embeddings died
+def test_lost_prefill_instance_is_retried_to_identical_tokens(servers, trisect_cache, tiny_llava, make_image,
+                                                              error, reencodes):
+    prefill, decode = servers
+    prefill.sender_cls = FakeSender
+    flaky = FailingPrefill(prefill, error)
+    encode = CountingEncode(EncodeServer("tiny-llava", cache_dir=str(trisect_cache)))
+    orch = Orchestrator("epd", Stages(encode=StageClient(encode, is_handle=False),
+                                      prefill=StageClient(flaky, is_handle=False),
+                                      decode=StageClient(decode, is_handle=False)))
+    image = make_image(71)
+    tokens = asyncio.run(collect(orch, f"lost-{reencodes}", tiny_llava, "and then", [image], 10))
+    assert tokens == hf_greedy(tiny_llava, "and then", [image], 10)
+    assert orch.prefill_failures == 1 and flaky.calls == 2 and encode.calls == 1 + reencodes
+    asyncio.run(assert_nothing_held(prefill, decode))
+
+
+def test_a_request_error_in_prefill_is_not_retried(servers, tiny_llava):
+    prefill, decode = servers
+    flaky = FailingPrefill(prefill, ValueError("2 image placeholder tokens but 1 image embedding rows"))
+    with pytest.raises(ValueError, match="placeholder"):
+        asyncio.run(collect(orchestrator(flaky, decode), "bad", tiny_llava, "hi", [], 4))
+    assert flaky.calls == 1
+    asyncio.run(assert_nothing_held(prefill, decode))
