@@ -8,7 +8,7 @@ replica fetches them straight from the encoder's object store (shared memory on 
 node-to-node transfer otherwise), like an `objectstore` KV payload. The object lives while
 someone holds the handle (Ray reference counting: the orchestrator keeps it until the request is
 done, so a retry can re-prefill from it) and dies with its owner, the encode replica; a prefill
-that finds it gone fails the attempt like any other prefill failure.
+that finds it gone fails with ObjectLostError, and the orchestrator encodes the images again.
 """
 from __future__ import annotations
 
@@ -21,11 +21,10 @@ DEFAULT_INLINE_LIMIT_BYTES = 1 << 20
 class StoredEmbeddings:
     ref: object          # ray.ObjectRef of list[ImageEmbedding]
     count: int           # images it holds, in order
-    nbytes: int
 
     def __post_init__(self):
-        if self.count < 1 or self.nbytes < 0:
-            raise ValueError(f"bad stored embeddings: {self.count} images, {self.nbytes} bytes")
+        if self.count < 1:
+            raise ValueError(f"stored embeddings must hold at least one image, got {self.count}")
 
 
 def embedding_bytes(embeds: list) -> int:
@@ -35,10 +34,9 @@ def embedding_bytes(embeds: list) -> int:
 def maybe_store(embeds: list, inline_limit_bytes: int) -> list:
     """The encode result as sent: the embeddings themselves, or one `StoredEmbeddings` for all."""
     import ray
-    size = embedding_bytes(embeds)
-    if not embeds or size <= inline_limit_bytes or not ray.is_initialized():  # in-process: no store
-        return embeds
-    return [StoredEmbeddings(ray.put(embeds), len(embeds), size)]
+    if not embeds or embedding_bytes(embeds) <= inline_limit_bytes or not ray.is_initialized():
+        return embeds                              # small, or in-process with no store
+    return [StoredEmbeddings(ray.put(embeds), len(embeds))]
 
 
 async def resolve(items: list) -> list:

@@ -33,10 +33,6 @@ def lost_instance(e: BaseException) -> bool:
     return isinstance(e, (RayActorError, ObjectLostError))
 
 
-def lost_object(e: BaseException) -> bool:
-    return isinstance(e, ObjectLostError)
-
-
 class StageClient:
     """Calls a stage's methods: a Ray Serve DeploymentHandle or a plain in-process object."""
 
@@ -157,7 +153,7 @@ class Orchestrator:
                 if not lost_instance(e) or attempt == self.max_retries:
                     raise                            # bad input fails the same way anywhere: no retry
                 self.prefill_failures += 1
-                reencode = images is not None and lost_object(e)
+                reencode = images is not None and isinstance(e, ObjectLostError)
                 continue
             generated += first["tokens"]
             try:

@@ -33,6 +33,6 @@ def test_past_the_limit_embeddings_go_through_the_store_and_resolve_in_order(ray
 
 
 def test_a_stored_result_that_does_not_match_its_count_is_refused(ray_local):
-    bad = StoredEmbeddings(ray_local.put(embeddings()), count=3, nbytes=1)
+    bad = StoredEmbeddings(ray_local.put(embeddings()), count=3)
     with pytest.raises(ValueError, match="expected 3"):
         asyncio.run(resolve([bad]))
