@@ -10,7 +10,9 @@ batch row the slots of its whole context (new tokens included) padded with slot 
 forward each attention layer calls `update(k, v, layer_idx)` (no other kwargs exist in
 transformers 5.x): the layer scatters the real rows with `index_copy_` (advanced-index assignment
 stalls on CPU) and gathers the context with one `index_select`, returning K/V exactly `kv_len` long,
-which the runner's 4D mask already covers.
+which the runner's 4D mask already covers. A *fresh* prefill (every row starts its prompt in this
+step) has no context but its own tokens: the plan then carries no read slots, the layer hands the
+step's K/V straight back, and attention runs causal without a mask.
 """
 from __future__ import annotations
 
@@ -67,15 +69,22 @@ class KVPool:
 
 @dataclass(slots=True)
 class StepPlan:
+    kv_len: int                  # K/V length every row attends over (its longest context)
     write_rows: torch.Tensor     # [n_real] indices into the step's flattened [B * Q] new tokens
     write_slots: torch.Tensor    # [n_real] pool slots they are written to
-    read_slots: torch.Tensor     # [B, kv_len] slots of each row's context, padded with slot 0
+    read_slots: torch.Tensor | None = None  # [B, kv_len] context slots padded with slot 0; None: fresh
     staging: str = "none"        # decode groups: "build" the staging buffers, or "append" to them
     stage_index: torch.Tensor | None = None   # append: flat [B*H] rows of the staging buffer to write
 
+    def __post_init__(self):
+        if self.read_slots is not None and self.read_slots.shape[1] != self.kv_len:
+            raise ValueError(f"read_slots cover {self.read_slots.shape[1]} positions, kv_len is {self.kv_len}")
+        if self.staging not in ("none", "build", "append") or (self.staging == "append") != (self.stage_index is not None):
+            raise ValueError(f"bad staging plan {self.staging!r}")
+
     @property
-    def kv_len(self) -> int:
-        return self.read_slots.shape[1]
+    def fresh(self) -> bool:
+        return self.read_slots is None and self.staging == "none"
 
 
 class DecodeStaging:
@@ -123,6 +132,8 @@ class PagedLayer(CacheLayerMixin):
         for kind, states in enumerate((key_states, value_states)):
             rows = states.transpose(1, 2).reshape(b * q, h, d).index_select(0, plan.write_rows)
             pool[kind].index_copy_(0, plan.write_slots, rows.to(pool.dtype))
+        if plan.fresh:
+            return key_states, value_states
         staging, n = self.cache.staging, plan.kv_len
         if plan.staging == "append":
             for buf, states in ((staging.k[self.layer_idx], key_states), (staging.v[self.layer_idx], value_states)):
@@ -138,7 +149,8 @@ class PagedLayer(CacheLayerMixin):
         return k.to(key_states.dtype), v.to(value_states.dtype)
 
     def get_seq_length(self) -> int:
-        return self.cache.plan.kv_len if self.cache.plan is not None else 0
+        plan = self.cache.plan
+        return 0 if plan is None or plan.fresh else plan.kv_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cache.plan.kv_len, 0

@@ -5,8 +5,10 @@ For every sequence it knows how to place tokens: flat pool slots from the block 
 image embeddings scattered over the placeholder tokens of the chunk. A batch is split into a
 decode group (one token per row) and a prefill group (chunks padded to the longest), each run as
 `[B, Q]` with an explicit additive 4D mask: additive so that eager and sdpa attention agree
-(eager adds the mask to the scores; a bool mask there is silently wrong). Only the rows that reach
-the end of their sequence go through `lm_head`.
+(eager adds the mask to the scores; a bool mask there is silently wrong). A prefill group whose
+rows all start their prompts in this step runs without one: plain causal attention is exact there
+(a real token never looks right, where the padding is) and lets SDPA skip the masked half and the
+GQA key/value copies. Only the rows that reach the end of their sequence go through `lm_head`.
 """
 from __future__ import annotations
 
@@ -70,18 +72,15 @@ class ModelRunner:
         ends = starts + lens
         b, q, kv_len = len(group), int(lens.max()), int(ends.max())
 
-        ids = torch.zeros(b, q, dtype=torch.long)
-        for row, (seq, n) in enumerate(group):
-            s = seq.num_computed_tokens
-            ids[row, :n] = torch.tensor(seq.token_ids[s:s + n])
+        ids = torch.tensor([s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n] + [0] * (q - n)
+                            for s, n in group])
         qpos = starts[:, None] + torch.arange(q)[None]               # [B, Q] absolute positions
         embeds = self.embed(ids)
         self._merge_images(embeds, group)
 
-        self.cache.plan = self._plan(seqs, lens, ends, qpos, kv_len)
-        kpos = torch.arange(kv_len)
-        allowed = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ends[:, None, None])
-        mask = torch.zeros(b, 1, q, kv_len, dtype=self.dtype).masked_fill_(~allowed[:, None], self.mask_min)
+        self.cache.plan = plan = self._plan(seqs, lens, starts, qpos, kv_len)
+        # a fresh prefill needs no mask: causality alone keeps each real token off the right padding
+        mask = None if plan.fresh else self._mask(qpos, ends, kv_len)
         hidden = self.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(seqs, qpos),
                                  past_key_values=self.cache, use_cache=True).last_hidden_state
         self.cache.plan = None
@@ -93,27 +92,42 @@ class ModelRunner:
         logits = self.lm_head(hidden[rows, lens[rows] - 1]).float()
         return [(seqs[row], logits[i]) for i, row in enumerate(done)]
 
-    def _plan(self, seqs, lens, ends, qpos, kv_len) -> StepPlan:
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tables[row, :len(seq.block_table)] = torch.tensor(seq.block_table)
+    def _mask(self, qpos: torch.Tensor, ends: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Additive [B, 1, Q, kv_len] mask: a token sees its own row's context up to itself."""
         kpos = torch.arange(kv_len)
-        read = tables[:, kpos // self.block_size] * self.block_size + kpos % self.block_size
-        read = read.masked_fill_(kpos[None] >= ends[:, None], 0)
-        q = qpos.shape[1]
+        allowed = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < ends[:, None, None])
+        return torch.zeros(len(qpos), 1, qpos.shape[1], kv_len, dtype=self.dtype).masked_fill_(
+            ~allowed[:, None], self.mask_min)
+
+    def _plan(self, seqs, lens, starts, qpos, kv_len) -> StepPlan:
+        q, bs = qpos.shape[1], self.block_size
+        if q == 1:                                                    # decode: row i writes its one token
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, starts.tolist())]
+            plan = StepPlan(kv_len, torch.arange(len(seqs)), torch.tensor(slots))
+            self._plan_staging(plan, seqs, starts + 1)
+            return plan
+        tables = self._tables(seqs)
         real = torch.arange(q)[None] < lens[:, None]                   # [B, Q] real (not padding) tokens
         write_rows = real.flatten().nonzero().flatten()
         flat_pos = qpos.flatten()[write_rows]
-        row_of = write_rows // q
-        write_slots = tables[row_of, flat_pos // self.block_size] * self.block_size + flat_pos % self.block_size
-        plan = StepPlan(write_rows, write_slots, read)
-        if q == 1:
-            self._plan_staging(plan, seqs, ends)
-        return plan
+        write_slots = tables[write_rows // q, flat_pos // bs] * bs + flat_pos % bs
+        if not bool(starts.any()):                                    # fresh: nothing to read back
+            return StepPlan(kv_len, write_rows, write_slots)
+        return StepPlan(kv_len, write_rows, write_slots, self._read_slots(tables, starts + lens, kv_len))
+
+    @staticmethod
+    def _tables(seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
+
+    def _read_slots(self, tables: torch.Tensor, ends: torch.Tensor, kv_len: int) -> torch.Tensor:
+        kpos = torch.arange(kv_len)
+        read = tables[:, kpos // self.block_size] * self.block_size + kpos % self.block_size
+        return read.masked_fill_(kpos[None] >= ends[:, None], 0)
 
     def _plan_staging(self, plan: StepPlan, seqs: list[Sequence], ends: torch.Tensor) -> None:
-        """Decode group: append to the staging buffers if the batch is the one they hold."""
+        """Decode group: append to the staging buffers if the batch is the one they hold, else
+        gather the context (read slots) and rebuild them."""
         st, s = self.cache.staging, self.shape
         rows = tuple(id(seq) for seq in seqs)
         steady = (rows == st.rows and plan.kv_len <= st.capacity
@@ -127,6 +141,7 @@ class ModelRunner:
         else:
             st.reserve(s.num_layers, len(seqs), s.num_kv_heads, plan.kv_len, s.head_dim, s.dtype)
             plan.staging = "build"
+            plan.read_slots = self._read_slots(self._tables(seqs), ends, plan.kv_len)
         st.rows, st.lens = rows, ends.tolist()
 
     def _positions(self, seqs: list[Sequence], qpos: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,26 @@ def test_eight_requests_joining_at_different_steps(model, make_image):
     assert_all_blocks_free(engine)
 
 
+def test_fresh_prefill_of_different_lengths_runs_unmasked_and_exact(model, make_image):
+    """Prompts of very different lengths start together: one padded prefill with no mask at all
+    (causal attention keeps real tokens off the right padding), then a masked decode batch."""
+    cases = {f"f{i}": (PROMPTS[i], [make_image(40 + i)] if i in (1, 4) else []) for i in (0, 1, 2, 4, 7)}
+    engine = Engine(model, EngineConfig(block_size=8, max_num_batched_tokens=4096))
+    masks = []
+    forward = engine.runner.text_model.forward
+    engine.runner.text_model.forward = lambda **kw: masks.append(kw["attention_mask"]) or forward(**kw)
+    for rid, (text, images) in cases.items():
+        ids, embeds = engine_inputs(model, text, images)
+        engine.add_request(rid, ids, greedy(12), images=embeds)
+    lengths = {len(s.token_ids) for s in engine.seqs.values()}
+    out = run_to_completion(engine)
+    assert len(lengths) == len(cases), "the prompts must differ in length so the prefill is padded"
+    assert masks[0] is None and all(m is not None for m in masks[1:])
+    for rid, (text, images) in cases.items():
+        assert out[rid] == hf_greedy(model, text, images, 12), rid
+    assert_all_blocks_free(engine)
+
+
 def test_chunked_prefill_with_budget_smaller_than_the_prompt(model, make_image):
     text, images = PROMPTS[2], [make_image(5)]
     ids, embeds = engine_inputs(model, text, images)
