@@ -23,6 +23,7 @@ class EngineConfig:
     role: str = "aggregated"              # "prefill": stop after the first token and hand KV over
     num_threads: int | None = None        # torch intra-op threads (Ray sets OMP to 1 in replicas)
     retain_freed_memory: bool = True      # glibc keeps freed activations mapped (see host_memory.py)
+    skinny_linear: bool = True            # decode-batch GEMMs as (W @ x.T).T on CPU (see skinny_linear.py)
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

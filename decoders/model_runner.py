@@ -17,6 +17,7 @@ import torch
 from decoders.config import EngineConfig
 from decoders.kv_cache import KVPool, KVShape, PagedCache, StepPlan, blocks_for_budget
 from decoders.sequence import Sequence
+from decoders.skinny_linear import use_skinny_linear
 
 
 class ModelRunner:
@@ -24,6 +25,9 @@ class ModelRunner:
         self.loaded = loaded
         self.text_model, self.lm_head, self.embed = loaded.text_model(), loaded.lm_head(), loaded.embed_tokens()
         self.dtype = next(self.text_model.parameters()).dtype
+        if config.skinny_linear:
+            use_skinny_linear(self.text_model)
+            use_skinny_linear(self.lm_head)
         text_cfg = loaded.model.config.get_text_config()
         self.shape = KVShape.from_text_config(text_cfg, self.dtype)
         self.block_size = config.block_size
