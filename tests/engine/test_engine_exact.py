@@ -65,14 +65,15 @@ def test_eight_requests_joining_at_different_steps(model, make_image):
     assert_all_blocks_free(engine)
 
 
-def test_fresh_prefill_of_different_lengths_runs_unmasked_and_exact(model, make_image):
+def test_fresh_prefill_of_different_lengths_runs_unmasked_and_exact(model, make_image, monkeypatch):
     """Prompts of very different lengths start together: one padded prefill with no mask at all
     (causal attention keeps real tokens off the right padding), then a masked decode batch."""
     cases = {f"f{i}": (PROMPTS[i], [make_image(40 + i)] if i in (1, 4) else []) for i in (0, 1, 2, 4, 7)}
     engine = Engine(model, EngineConfig(block_size=8, max_num_batched_tokens=4096))
     masks = []
-    forward = engine.runner.text_model.forward
-    engine.runner.text_model.forward = lambda **kw: masks.append(kw["attention_mask"]) or forward(**kw)
+    forward = engine.runner.text_model.forward          # the session's shared model: patch, then restore
+    monkeypatch.setattr(engine.runner.text_model, "forward",
+                        lambda **kw: masks.append(kw.get("attention_mask")) or forward(**kw))
     for rid, (text, images) in cases.items():
         ids, embeds = engine_inputs(model, text, images)
         engine.add_request(rid, ids, greedy(12), images=embeds)
