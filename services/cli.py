@@ -1,7 +1,7 @@
 """`trisect` command line: one dispatcher, each subcommand's work lives in its own module.
 
   trisect serve   [--model tiny-llava] [--grpc-port 50051] [--http-port 8000] ...
-  trisect bench   engine | router | transfer | overhead | memory  [...]
+  trisect bench   engine | router | transfer | overhead | memory | serve  [...]
   trisect client  [--image F] "prompt"
   trisect redis   start a private redis-server on loopback and print its URL
 """
@@ -15,6 +15,7 @@ BENCHES = {
     "transfer": "services.bench.transfer",
     "overhead": "services.bench.overhead",
     "memory": "services.bench.memory",
+    "serve": "services.bench.serve",
 }
 
 
