@@ -3,9 +3,12 @@
 One object drives `services.app.build_app`; the same YAML is what a RayService's `serveConfigV2`
 passes as application args on Kubernetes. Stage replicas either are fixed (`replicas`) or
 autoscale (`min_replicas`..`max_replicas` on `target_ongoing_requests`), each on its own pool.
+`limits` (a `Limits`) caps what one client request may cost; `bind_host` is where the listening
+ports bind — loopback unless an operator opens it (docs/security.md).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 import yaml
@@ -14,6 +17,26 @@ MODES = ("aggregated", "pd", "epd")
 STAGES = ("ingress", "encode", "prefill", "decode", "aggregated")
 POOL_OF = {"encode": "encode_pool", "prefill": "prefill_pool", "decode": "decode_pool",
            "aggregated": "prefill_pool", "ingress": None}
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """What one request may cost, each checked before the work it bounds (docs/security.md)."""
+    max_request_bytes: int = 64 * 2**20   # HTTP body (before JSON parsing) and gRPC message
+    max_json_depth: int = 32              # nesting of the HTTP JSON body
+    max_prompt_bytes: int = 2**20         # UTF-8 bytes of all text of a request, before tokenizing
+    max_images: int = 8                   # per request
+    max_image_bytes: int = 10 * 2**20     # per encoded image
+    max_image_pixels: int = 4096 * 4096   # per decoded image (width * height, from the header)
+    max_image_aspect_ratio: int = 50      # long side / short side (resizing a strip explodes)
+    max_tokens: int = 4096                # cap on a request's max_tokens
+    max_in_flight: int = 256              # admitted, unfinished requests (backpressure)
+
+    def __post_init__(self):
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"limits.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -69,6 +92,8 @@ class ClusterConfig:
     rate_limit_burst: int = 20
     api_keys: list[str] = field(default_factory=list)
     grpc_port: int | None = 50051          # served by the ingress replica (None: HTTP only)
+    bind_host: str = "127.0.0.1"           # gRPC and HTTP listen here; "0.0.0.0" only on purpose
+    limits: Limits = field(default_factory=Limits)
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -78,12 +103,21 @@ class ClusterConfig:
         if unknown:
             raise ValueError(f"unknown stages {sorted(unknown)}; known: {STAGES}")
         self.stages = {name: s if isinstance(s, StageConfig) else StageConfig(**s) for name, s in self.stages.items()}
+        if not isinstance(self.limits, Limits):
+            unknown = set(self.limits) - set(Limits.__slots__)
+            if unknown:
+                raise ValueError(f"unknown limits {sorted(unknown)}; known: {Limits.__slots__}")
+            self.limits = Limits(**self.limits)
+        if not self.bind_host or not isinstance(self.bind_host, str):
+            raise ValueError("bind_host must be a host name or IP address, e.g. 127.0.0.1")
         for name in self.stage_names():
             self.stages.setdefault(name, StageConfig())
         if self.embed_inline_limit_kib < 0:
             raise ValueError("embed_inline_limit_kib must be >= 0 (0: always through the object store)")
         if self.object_store_memory_mib is not None and self.object_store_memory_mib < 64:
             raise ValueError("object_store_memory_mib must be >= 64 (or None for Ray's default)")
+        if self.redis_url:  # ${VAR} from the environment: a password stays in a Secret (helm chart)
+            self.redis_url = os.path.expandvars(self.redis_url)
 
     def stage_names(self) -> tuple[str, ...]:
         return {"aggregated": ("ingress", "aggregated"), "pd": ("ingress", "prefill", "decode"),

@@ -5,7 +5,9 @@ Life of an image here:
 2. ``decode_image`` checks the byte size, then lets PIL read the *header only* (``Image.open`` is
    lazy) to learn the format and the declared width x height. Unsupported formats and images whose
    declared pixel count is over the limit (decompression bombs: a few KB of PNG can declare 64 Mpx)
-   are refused before a single pixel is decoded; only then is the image decoded and made RGB.
+   are refused before a single pixel is decoded; so are extreme aspect ratios (a 1 x 16000 strip
+   passes a pixel cap, but resizing its short side up to the processor's size makes gigapixels).
+   Only the allowed formats' parsers ever see the bytes; only then is the image decoded, made RGB.
 3. ``ImageProcessor.pixel_inputs`` runs the checkpoint's own image processor on that one image and
    returns the dict ``decoders.model.prepare_prompt`` would have produced for it (LLaVA:
    ``pixel_values`` [1, C, H, W]; Qwen2-VL: ``pixel_values`` [patches, dim] + ``image_grid_thw`` [1, 3]).
@@ -41,10 +43,11 @@ class ImageLimits:
     max_images: int = 8                  # per request
     max_image_bytes: int = 10 * 2**20    # per encoded image
     max_image_pixels: int = 4096 * 4096  # per image, width * height as declared by the header
+    max_aspect_ratio: int = 50           # long side / short side
     formats: tuple[str, ...] = ALLOWED_FORMATS
 
     def __post_init__(self):
-        for name in ("max_images", "max_image_bytes", "max_image_pixels"):
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_aspect_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImageLimits.{name} must be >= 1")
         if not self.formats or any(f not in ALLOWED_FORMATS for f in self.formats):
@@ -67,13 +70,16 @@ def decode_image(data: bytes, index: int = 0, limits: ImageLimits = ImageLimits(
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and 2x of it; our own limit decides below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: parses the header only
+            # lazy: parses the header only, and only with the allowed formats' parsers
+            img = Image.open(io.BytesIO(data), formats=list(limits.formats))
             if img.format not in limits.formats:
                 raise ImageRejected(f"image {index} has unsupported format {img.format}; allowed: {shown}")
             w, h = img.size
             if w < 1 or h < 1 or w * h > limits.max_image_pixels:
                 raise ImageRejected(f"image {index} is {w}x{h} = {w * h} pixels; the limit is "
                                     f"{limits.max_image_pixels}")
+            if max(w, h) > limits.max_aspect_ratio * min(w, h):
+                raise ImageRejected(f"image {index} is {w}x{h}: aspect ratio over {limits.max_aspect_ratio}:1")
             img.load()
             return img.convert("RGB")
     except ImageRejected:
@@ -81,9 +87,12 @@ def decode_image(data: bytes, index: int = 0, limits: ImageLimits = ImageLimits(
     except Image.DecompressionBombError:  # PIL's own ceiling (2x MAX_IMAGE_PIXELS), hit inside open()
         raise ImageRejected(f"image {index} is a decompression bomb (too many pixels)") from None
     except Image.UnidentifiedImageError:
-        raise ImageRejected(f"image {index} is not a recognised image file (allowed: {shown})") from None
+        raise ImageRejected(f"image {index} is not a recognised image file or has an unsupported format "
+                            f"(allowed: {shown})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's ways of saying corrupt/truncated
         raise ImageRejected(f"image {index} could not be decoded ({e})") from None
+    except Exception:  # noqa: BLE001 — fuzzed bytes reach PIL's parsers' other errors (struct, index...)
+        raise ImageRejected(f"image {index} could not be decoded (corrupt or truncated)") from None
 
 
 def decode_images(images: list[bytes], limits: ImageLimits = ImageLimits()) -> list[Image.Image]:

@@ -1,41 +1,33 @@
 """Turn a validated GenerateRequest into model inputs, enforcing the limits a client can hit.
 
 Life: a Backend calls `prepare(loaded, req, limits, max_model_len)` once per request, off the event
-loop (it decodes images and runs the processor). Every failure a client can cause becomes
-TrisectError(INVALID_ARGUMENT) with a message naming the limit: undecodable or unsupported image,
-too many images, too many bytes, too many pixels (decompression bombs are refused from the header,
-before any pixel is decoded; the checks themselves live in encoders.processor), prompt + max_tokens
-beyond the context. `parse_data_url` is shared by both ingresses: images arrive as bytes or `data:`
-URLs, never as paths or remote URLs.
+loop. It first runs `check_request` — counts and sizes only, microseconds to milliseconds: output
+tokens, image count and bytes, prompt bytes (UTF-8, every text of the request) — so a request far
+over a limit is refused before any image is decoded or any text tokenized. Then it decodes images
+and runs the processor. Every failure a client can cause becomes TrisectError(INVALID_ARGUMENT)
+with a message naming the limit: undecodable or unsupported image, too many images, bytes, pixels,
+an extreme aspect ratio (decompression bombs are refused from the header, before any pixel is
+decoded; the checks themselves live in encoders.processor), prompt + max_tokens beyond the context.
+`parse_data_url` is shared by both ingresses: images arrive as bytes or `data:` URLs, never as paths
+or remote URLs. `Limits` is the config's (cluster.config), re-exported here for the backends.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 
 from PIL import Image
 
+from cluster.config import Limits
 from encoders.processor import ImageLimits, ImageRejected
 from encoders.processor import decode_image as _decode_image
 from encoders.processor import decode_images as _decode_images
 from services.api_types import GenerateRequest
 from services.errors import invalid
 
-
-@dataclass(slots=True, frozen=True)
-class Limits:
-    max_images: int = 8                   # per request
-    max_image_bytes: int = 10 * 2**20     # per encoded image
-    max_image_pixels: int = 4096 * 4096   # per decoded image (width * height)
-    max_tokens: int = 4096                # cap on a request's max_tokens
-    max_in_flight: int = 256              # admitted, unfinished requests (backpressure)
-
-    def __post_init__(self):
-        for name in self.__slots__:
-            if getattr(self, name) < 1:
-                raise ValueError(f"Limits.{name} must be >= 1")
+__all__ = ["Limits", "check_request", "decode_image", "decode_images", "parse_data_url", "prepare",
+           "sampling_params"]
 
 
 def parse_data_url(url: str, param: str = "image_url") -> bytes:
@@ -57,7 +49,8 @@ def parse_data_url(url: str, param: str = "image_url") -> bytes:
 
 def _image_limits(limits: Limits) -> ImageLimits:
     return ImageLimits(max_images=limits.max_images, max_image_bytes=limits.max_image_bytes,
-                       max_image_pixels=limits.max_image_pixels)
+                       max_image_pixels=limits.max_image_pixels,
+                       max_aspect_ratio=limits.max_image_aspect_ratio)
 
 
 def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
@@ -75,11 +68,35 @@ def decode_images(req: GenerateRequest, limits: Limits) -> list[Image.Image]:
         raise invalid(str(e), "images") from None
 
 
-def check_lengths(req: GenerateRequest, prompt_tokens: int, limits: Limits,
-                  max_model_len: int) -> None:
+def check_request(req: GenerateRequest, limits: Limits) -> None:
+    """The limits that need neither decoding nor tokenizing: run before either."""
     if req.max_tokens > limits.max_tokens:
         raise invalid(f"max_tokens is {req.max_tokens}; the limit is {limits.max_tokens}",
                       "max_tokens")
+    if len(req.images) > limits.max_images:
+        raise invalid(f"{len(req.images)} images; at most {limits.max_images} per request", "images")
+    for i, data in enumerate(req.images):
+        if len(data) > limits.max_image_bytes:
+            raise invalid(f"image {i} is {len(data)} bytes; the limit is {limits.max_image_bytes}",
+                          "images")
+    field = "messages" if req.messages else "prompt"
+    texts = [req.prompt] + [p.text for m in req.messages for p in m.content]
+    if sum(map(len, texts)) > limits.max_prompt_bytes:  # a str has at least as many bytes as chars
+        raise invalid(f"the prompt is over {limits.max_prompt_bytes} bytes (max_prompt_bytes); it "
+                      "was refused before tokenizing", field)
+    size = 0
+    for text in texts:
+        try:
+            size += len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # lone surrogates, e.g. JSON "\ud800": no tokenizer takes them
+            raise invalid("the text is not valid Unicode (it holds a lone surrogate)", field) from None
+    if size > limits.max_prompt_bytes:
+        raise invalid(f"the prompt is {size} bytes (UTF-8); the limit is {limits.max_prompt_bytes} "
+                      "(max_prompt_bytes)", field)
+
+
+def check_lengths(req: GenerateRequest, prompt_tokens: int, limits: Limits,
+                  max_model_len: int) -> None:
     if prompt_tokens + req.max_tokens > max_model_len:
         raise invalid(f"prompt ({prompt_tokens} tokens, images included) + max_tokens "
                       f"({req.max_tokens}) exceeds the context length {max_model_len}",
@@ -90,6 +107,7 @@ def prepare(loaded, req: GenerateRequest, limits: Limits, max_model_len: int):
     """-> decoders.model.PreparedPrompt (token ids with placeholders expanded, pixels per image)."""
     from decoders.model import PreparedPrompt, prepare_prompt
 
+    check_request(req, limits)
     if req.images and loaded.family == "text":
         raise invalid("this model is text-only: images are not accepted", "images")
     images = decode_images(req, limits)

@@ -32,6 +32,8 @@ class ContentPart:
     def __post_init__(self):
         if self.type not in ("text", "image"):
             raise invalid(f"content part type must be 'text' or 'image', got {self.type!r}")
+        if not isinstance(self.text, str):
+            raise invalid(f"text must be a string, got {type(self.text).__name__}", "messages")
         if self.type == "image" and self.text:
             raise invalid("an image content part carries no text")
 
@@ -79,6 +81,10 @@ class GenerateRequest:
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not _REQUEST_ID.match(self.request_id):
             raise invalid("request_id must be 1-128 characters of [A-Za-z0-9._:-]", "request_id")
+        if not isinstance(self.prompt, str) or not isinstance(self.model, str):
+            raise invalid("prompt and model must be strings", "prompt")
+        if len(self.model) > 256:
+            raise invalid("model names are at most 256 characters", "model")
         self.messages = tuple(self.messages)
         self.images = tuple(bytes(i) for i in self.images)
         self.stop = tuple(self.stop)
@@ -104,6 +110,10 @@ class GenerateRequest:
             raise invalid(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
         if any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
             raise invalid("stop strings must be non-empty and at most 256 characters", "stop")
+        if any(not _utf8_ok(s) for s in self.stop):
+            raise invalid("stop strings must be valid Unicode (no lone surrogates)", "stop")
+        if not isinstance(self.ignore_eos, bool):
+            raise invalid(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
         if self.deadline is not None:
             _check_float("deadline", self.deadline, lo=0.0, hi=math.inf)
 
@@ -168,3 +178,11 @@ def _check_float(name: str, value, lo: float, hi: float) -> None:
         raise invalid(f"{name} must be a number, got {value!r}", name)
     if not lo <= value <= hi:
         raise invalid(f"{name} must be in [{lo}, {hi}], got {value}", name)
+
+
+def _utf8_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
