@@ -148,6 +148,14 @@ redis.call('HSET', KEYS[1], 'n_tokens', n + cnt, 'updated_ms', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return n + cnt""",
+    # A lease (one controller acts at a time). KEYS: lease; ARGV: holder, ttl_ms -> 1 renewed, 0 not ours
+    "lease_renew": """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0""",
+    # KEYS: lease; ARGV: holder -> 1 released, 0 not ours (expired, or taken over: leave it alone)
+    "lease_release": """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0""",
     # KEYS: bucket; ARGV: capacity, refill_per_s, cost -> {allowed, remaining (str), retry_after_ms}
     "rate_limit": """
 local t = redis.call('TIME')

@@ -15,6 +15,7 @@ Key layout, all under "<namespace>:" (so several clusters or tests share one ser
                              that knows version v fetches only the records written since v
     epoch              STR   random name of this Redis lifetime: a new one means data was lost
     want:<id>          STR   role the control plane asks that instance to take (JSON)
+    lease:<name>       STR   holder of a lease (the role controller's), expires unless renewed
     pend:<id>, pendn   ZSET, HASH  assignments made since its last heartbeat (-> server ms); counts
     mm, px             HASH  cache index, image hash / KV block hash -> JSON [[instance id, ms], ..]
     mmidx, pxidx       ZSET  hash -> last publish ms; bounds each index (cap) and ages it out (TTL)
@@ -39,6 +40,7 @@ from redis.backoff import ExponentialBackoff
 from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.retry import Retry
 
+from cluster import metrics
 from cluster.redis_lua import SCRIPTS as _SCRIPTS
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,7 @@ class RedisStore:
         self._scripts = {name: self.client.register_script(src) for name, src in _SCRIPTS.items()}
         self._down_until = 0.0
         self._backoff = c.circuit_min_s
+        metrics.REDIS_OUTAGES.inc(0)
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -172,10 +175,13 @@ class RedisStore:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"redis at {redact_url(self.config.url)} unavailable (circuit open)")
         try:
+            started = time.perf_counter()
             out = fn(*args, **kwargs)
+            metrics.REDIS_SECONDS.observe(time.perf_counter() - started)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             self._down_until = time.monotonic() + self._backoff
             if self._backoff == self.config.circuit_min_s:
+                metrics.REDIS_OUTAGES.inc()
                 log.warning("redis at %s unreachable: %s", redact_url(self.config.url), e)
             self._backoff = min(self._backoff * 2, self.config.circuit_max_s)
             raise StoreUnavailable(f"redis at {redact_url(self.config.url)}: {e}") from e
@@ -228,6 +234,12 @@ class RedisStore:
         else:
             self._call(self.client.set, self.key("want", instance_id), json.dumps(payload), px=ttl_ms(ttl_s))
 
+    def get_desired_roles(self, instance_ids: list[str]) -> dict[str, dict]:
+        if not instance_ids:
+            return {}
+        raw = self._call(self.client.mget, [self.key("want", i) for i in instance_ids])
+        return {i: json.loads(w) for i, w in zip(instance_ids, raw) if w}
+
     def route_snapshot(self, image_hashes=(), block_hashes=(), since: tuple[str, int] = ("", -1)) -> Snapshot:
         """One round trip: live instances, records written since `since` = (epoch, version) (all of
         them if that is unknown or stale), pending assignments, cache-index holders of the hashes."""
@@ -246,6 +258,26 @@ class RedisStore:
         ingress counts it as load until the instance's next heartbeat reflects it."""
         if instance_ids:
             self._script("commit", args=[self.prefix, request_id, self.config.pending_window_ms, *instance_ids])
+
+    # ------------------------------------------------------------------ leases
+    def lease_hold(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the lease `name` if free (SET NX PX), or renew it if `holder` has it (compare-and-set
+        in Lua: never extends someone else's). True while `holder` holds it for the next ttl_s."""
+        k, ms = self.key("lease", name), ttl_ms(ttl_s)
+        if int(self._script("lease_renew", keys=[k], args=[holder, ms])):
+            return True
+        return bool(self._call(self.client.set, k, holder, nx=True, px=ms))
+
+    def lease_release(self, name: str, holder: str) -> bool:
+        return bool(int(self._script("lease_release", keys=[self.key("lease", name)], args=[holder])))
+
+    def lease_holder(self, name: str) -> tuple[str | None, float]:
+        """(holder, seconds left) of the lease; (None, 0) when nobody holds it."""
+        p = self.client.pipeline(transaction=True)
+        p.get(self.key("lease", name))
+        p.pttl(self.key("lease", name))
+        holder, left = self._call(p.execute)
+        return (holder, max(0, left) / 1000) if holder else (None, 0.0)
 
     # ------------------------------------------------------------------ cache indexes
     def index_add(self, kind: str, instance_id: str, hashes: list[str]) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
@@ -63,10 +64,13 @@ class InstanceRecord:
     load: Load = field(default_factory=Load)
     state: RoleState = RoleState.ACTIVE
     target: Role | None = None          # role being switched to while DRAINING / SWITCHING
+    since: float = 0.0                  # unix time of the last role / state change (0: unknown)
 
     def __post_init__(self):
         self.state = RoleState.parse(self.state)
         self.target = None if self.target is None else Role.parse(self.target)
+        if self.since < 0:
+            raise ValueError("since must be >= 0")
 
     @property
     def id(self) -> str:
@@ -80,14 +84,15 @@ class InstanceRecord:
         i = self.info
         return json.dumps({"id": i.id, "role": i.role.value, "pool": i.pool, "node": i.node,
                            "capacity": i.capacity, "state": self.state.value,
-                           "target": self.target.value if self.target else None, "load": asdict(self.load)},
+                           "target": self.target.value if self.target else None, "since": self.since,
+                           "load": asdict(self.load)},
                           separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> "InstanceRecord":
         d = json.loads(raw)
         info = InstanceInfo(d["id"], d["role"], d.get("pool", "default"), d.get("node", ""), d.get("capacity", 1))
-        return cls(info, Load(**d.get("load", {})), d.get("state", "active"), d.get("target"))
+        return cls(info, Load(**d.get("load", {})), d.get("state", "active"), d.get("target"), d.get("since", 0.0))
 
 
 class RegistryMirror:
@@ -137,7 +142,8 @@ class Registry:
 
     def register(self, info: InstanceInfo, load: Load | None = None, heartbeat_s: float | None = None,
                  start: bool = False) -> "InstanceAgent":
-        agent = InstanceAgent(self.store, InstanceRecord(info, load or Load()), self.ttl_s, heartbeat_s)
+        agent = InstanceAgent(self.store, InstanceRecord(info, load or Load(), since=time.time()), self.ttl_s,
+                              heartbeat_s)
         agent.heartbeat()
         if start:
             agent.start()
@@ -159,6 +165,11 @@ class Registry:
     def request_role(self, instance_id: str, role: Role | str | None) -> None:
         """Control plane -> instance: please switch to `role` (None withdraws the request)."""
         self.store.set_desired_role(instance_id, None if role is None else {"role": Role.parse(role).value})
+
+    def desired_roles(self, instance_ids: list[str]) -> dict[str, Role]:
+        """The roles asked of these instances and not yet taken up (ids without a request are left out)."""
+        want = self.store.get_desired_roles(instance_ids)
+        return {i: Role.parse(w["role"]) for i, w in want.items() if w and w.get("role")}
 
 
 class InstanceAgent:
@@ -216,9 +227,21 @@ class InstanceAgent:
                  target: Role | str | None = None) -> None:
         """Publish a role / role-state change at once (the state machine lives in cluster.roles)."""
         with self._lock:
-            self.record = InstanceRecord(InstanceInfo(self.id, role, self.record.info.pool, self.record.info.node,
-                                                      self.record.info.capacity), self.record.load, state, target)
+            old = self.record
+            rec = InstanceRecord(InstanceInfo(self.id, role, old.info.pool, old.info.node, old.info.capacity),
+                                 old.load, state, target, old.since)
+            if (rec.info.role, rec.state, rec.target) != (old.info.role, old.state, old.target):
+                rec.since = time.time()
+            self.record = rec
         self.heartbeat()
+
+    def clear_desired_role(self) -> None:
+        """The instance took up (or refused) the role asked of it: withdraw the request."""
+        try:
+            self.store.set_desired_role(self.id, None)
+            self.desired_role = None
+        except StoreUnavailable:
+            pass    # the request stays; the instance sees it equals its role and ignores it
 
     def publish(self, kind: str, hashes: list[str]) -> None:
         """This instance now holds these image embeddings ('mm') or KV prefix blocks ('px')."""
