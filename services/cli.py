@@ -4,6 +4,7 @@
   trisect bench   engine | router | transfer | overhead | memory | serve  [...]
   trisect client  [--image F] "prompt"
   trisect redis   start a private redis-server on loopback and print its URL
+  trisect roles   [set ID ROLE]  instances and their roles (role switching)
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "client":
         from services.client import main as client
         return client(rest)
+    if cmd == "roles":
+        from services.roles_cli import main as roles
+        return roles(rest)
     if cmd == "redis":
         from cluster.redis_server import main as redis
         return redis(rest)

@@ -79,3 +79,31 @@ def test_killing_the_controller_that_holds_the_lease_hands_control_over(store, r
 def test_switcher_validates_its_timing(store):
     with pytest.raises(ValueError):
         RoleSwitcher(store, "x", interval_s=3, lease_ttl_s=5)
+
+
+def test_roles_cli_lists_instances_and_records_a_desired_role(store, redis_server, capsys):
+    from services.roles_cli import main
+    registry = Registry(store, ttl_s=30)
+    agents = [registry.register(InstanceInfo("p0", "prefill", pool="llm_pool", capacity=8), Load(2, 1, 90, 100)),
+              registry.register(InstanceInfo("d0", "decode", pool="llm_pool", capacity=8), Load(0, 5, 40, 100))]
+    try:
+        agents[1].set_role("decode", "draining", "prefill")
+        common = ["--redis-url", redis_server.url, "--namespace", store.config.namespace]
+        assert main(common) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split()[:3] == ["ID", "ROLE", "STATE"]
+        assert lines[1].split()[:6] == ["d0", "decode", "draining", "->", "prefill", "0/5,"]
+        assert lines[2].split()[:4] == ["p0", "prefill", "active", "2/1,"] and "s ago" in lines[2]
+        assert main(["set", "p0", "decode", *common]) == 0
+        assert capsys.readouterr().out.startswith("asked p0 (prefill, active) to become decode")
+        assert registry.desired_roles(["p0", "d0"]) == {"p0": Role.DECODE}
+        assert agents[0].heartbeat() and agents[0].desired_role is Role.DECODE, "the instance sees the request"
+        main(common)
+        assert capsys.readouterr().out.splitlines()[2].split()[-1] == "decode"
+        assert main(["set", "nobody", "decode", *common]) == 1
+        with pytest.raises(SystemExit):
+            main(["set", "p0", "vision", *common])
+        assert "ROLE: unknown role 'vision'" in capsys.readouterr().err
+    finally:
+        for a in agents:
+            a.deregister()
