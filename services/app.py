@@ -59,13 +59,19 @@ class Ingress:
             journal = Journal(store)
             if cfg.rate_limit_per_s:
                 limiter = RateLimiter(store, cfg.rate_limit_per_s, cfg.rate_limit_burst)
-        self.backend = ClusterBackend(frontend, orchestrator, cfg.model, rate_limiter=limiter, journal=journal)
+        self.backend = ClusterBackend(frontend, orchestrator, cfg.model, cfg.limits, rate_limiter=limiter, journal=journal)
         self.auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
         self.metrics = ApiMetrics(self.backend)
+        from services import request_log, stage_loads, stage_metrics
+        from services.deployments import _replica_id
+        request_log.setup()
+        llm = {k: getattr(stages, k) for k in ("aggregated", "prefill", "decode") if getattr(stages, k)}
+        self.backend.loads = stage_loads.StageLoads(llm).start()
+        self.sampler = stage_metrics.watch_ingress(self.backend, _replica_id())
         self.grpc = None
         if cfg.grpc_port is not None:
             from services.grpc_ingress import start_grpc_server
-            self.grpc = await start_grpc_server(self.backend, f"0.0.0.0:{cfg.grpc_port}", self.auth, self.metrics)
+            self.grpc = await start_grpc_server(self.backend, f"{cfg.bind_host}:{cfg.grpc_port}", self.auth, self.metrics)
 
     def __serve_build_asgi_app__(self):
         from services.http_ingress import build_http_app

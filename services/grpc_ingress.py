@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -21,50 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from services.api_inputs import parse_data_url
+from cluster.config import Limits
 from services.api_metrics import ApiMetrics
-from services.api_types import ChatMessage, ContentPart, GenerateDelta, GenerateRequest
+from services.api_types import GenerateDelta
+from services.api_wire import request_from_proto
+from services import request_log
 from services.auth import ApiKeys
-from services.errors import ErrorCode, TrisectError, invalid
+from services.errors import ErrorCode, TrisectError
 from services.proto import SERVICE_NAME, pb, pb_grpc
 
 log = logging.getLogger(__name__)
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-DEFAULT_MAX_MESSAGE_BYTES = 100 * 2**20  # room for several full-size images in one request
-
-
-def _image_bytes(img, param: str) -> bytes:
-    kind = img.WhichOneof("source")
-    if kind == "data":
-        return img.data
-    if kind == "url":
-        return parse_data_url(img.url, param)
-    raise invalid("an Image has neither data nor url", param)
-
-
-def request_from_proto(msg, api_key: str | None = None,
-                       deadline: float | None = None) -> GenerateRequest:
-    """GenerateRequest proto -> validated GenerateRequest (raises INVALID_ARGUMENT)."""
-    images = [_image_bytes(img, "images") for img in msg.images]
-    messages = []
-    for m in msg.messages:
-        parts = []
-        for p in m.content:
-            kind = p.WhichOneof("part")
-            if kind == "image":
-                images.append(_image_bytes(p.image, "messages"))
-                parts.append(ContentPart("image"))
-            elif kind == "text":
-                parts.append(ContentPart("text", p.text))
-        messages.append(ChatMessage(m.role, tuple(parts)))
-    if messages and msg.images:
-        raise invalid("with `messages`, put images inside the messages, not in `images`", "images")
-    opt = {f: getattr(msg, f) for f in ("max_tokens", "temperature", "top_p", "top_k", "seed")
-           if msg.HasField(f)}
-    return GenerateRequest(request_id=msg.request_id or uuid.uuid4().hex, prompt=msg.prompt,
-                           messages=tuple(messages), images=tuple(images), stop=tuple(msg.stop),
-                           ignore_eos=msg.ignore_eos, model=msg.model, api_key=api_key,
-                           deadline=deadline, **opt)
 
 
 def delta_to_proto(d: GenerateDelta):
@@ -91,12 +57,15 @@ class GenerationService(pb_grpc.GenerationServicer):
         return header.partition(" ")[2].strip() if header else None
 
     async def Generate(self, request, context):
+        """`request` is the call's raw bytes: api_wire parses them, so undecodable protobuf,
+        bad UTF-8 and unknown fields get INVALID_ARGUMENT naming the field, not grpc's UNKNOWN."""
         code = "CANCELLED"  # what we record if the client goes away mid-stream
+        req = None
         try:
             key = self._authenticate(context)
             remaining = context.time_remaining()
             deadline = time.time() + remaining if remaining is not None else None
-            req = request_from_proto(request, key, deadline)
+            req = request_log.adopt(request_from_proto(request, key, deadline), context.invocation_metadata())
             stream = self.backend.generate(req)
             try:
                 async for delta in stream:
@@ -109,13 +78,15 @@ class GenerationService(pb_grpc.GenerationServicer):
                 await stream.aclose()  # on cancel/deadline: abort the request, free its blocks
         except TrisectError as e:
             code = e.code.value
-            await context.abort(e.grpc_status, e.message)
+            await context.abort(e.grpc_status, request_log.with_id(e.message, req and req.request_id))
         except grpc.aio.AbortError:
             raise
-        except Exception as e:
+        except Exception:
             code = ErrorCode.INTERNAL.value
-            log.exception("Generate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+            rid = req.request_id if req is not None else "-"
+            log.exception("Generate failed: request_id=%s", rid)   # counted below as INTERNAL
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); "
+                                "see the server log")
         finally:
             if self.metrics and code != "OK":
                 self.metrics.failed("grpc", code)
@@ -141,11 +112,21 @@ class GrpcServer:
 
 async def start_grpc_server(backend, address: str = "127.0.0.1:0", auth: ApiKeys | None = None,
                             metrics: ApiMetrics | None = None,
-                            max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> GrpcServer:
-    """Start serving on `address` (port 0 = any free port) in the running event loop."""
+                            max_message_bytes: int | None = None) -> GrpcServer:
+    """Start serving on `address` (port 0 = any free port; loopback unless told otherwise) in the
+    running event loop. Messages over `max_message_bytes` (default: the backend's
+    limits.max_request_bytes) are refused by gRPC itself, RESOURCE_EXHAUSTED, before parsing."""
+    if max_message_bytes is None:
+        max_message_bytes = getattr(getattr(backend, "limits", None), "max_request_bytes", Limits().max_request_bytes)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(backend, auth, metrics), server)
+    service = GenerationService(backend, auth, metrics)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        # no request deserializer: Generate parses the bytes itself (see its docstring)
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, response_serializer=pb.GenerateResponse.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels, response_serializer=pb.ListModelsResponse.SerializeToString)}),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):

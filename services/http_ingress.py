@@ -15,82 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from services.api_inputs import parse_data_url
+from cluster.config import Limits
 from services.api_metrics import CONTENT_TYPE, ApiMetrics
-from services.api_types import ChatMessage, ContentPart, GenerateDelta, GenerateRequest
+from services.api_types import GenerateDelta
+from services.api_wire import TIMEOUT_HEADER, deadline_from_header, parse_json, request_from_openai
+from services import request_log
 from services.auth import ApiKeys
-from services.errors import ErrorCode, TrisectError, invalid
+from services.errors import ErrorCode, TrisectError
 
-TIMEOUT_HEADER = "x-trisect-timeout"
+log = logging.getLogger(__name__)
 _DISCONNECT_POLL_S = 0.25
-_ROLE_ALIASES = {"developer": "system"}
-_UNSUPPORTED = ("tools", "functions", "logprobs", "audio", "prediction")
-
-
-def _parse_content(content, images: list[bytes]) -> tuple[ContentPart, ...]:
-    if content is None:
-        return ()
-    if isinstance(content, str):
-        return (ContentPart("text", content),)
-    if not isinstance(content, list):
-        raise invalid("message content must be a string or a list of parts", "messages")
-    parts = []
-    for p in content:
-        kind = p.get("type") if isinstance(p, dict) else None
-        if kind == "text" and isinstance(p.get("text"), str):
-            parts.append(ContentPart("text", p["text"]))
-        elif kind == "image_url":
-            url = p.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            images.append(parse_data_url(url, "messages"))
-            parts.append(ContentPart("image"))
-        else:
-            raise invalid(f"unsupported content part {kind!r}: use 'text' or 'image_url'",
-                          "messages")
-    return tuple(parts)
-
-
-def request_from_openai(body, request_id: str, api_key: str | None,
-                        deadline: float | None) -> tuple[GenerateRequest, dict]:
-    """OpenAI chat.completions body -> (GenerateRequest, response options)."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise invalid("`messages` must be a non-empty list", "messages")
-    for name in _UNSUPPORTED:
-        if body.get(name):
-            raise invalid(f"`{name}` is not supported by this server", name)
-    if body.get("n", 1) not in (1, None):
-        raise invalid("only n=1 is supported", "n")
-    images: list[bytes] = []
-    messages = []
-    for m in raw:
-        if not isinstance(m, dict):
-            raise invalid("each message must be an object", "messages")
-        role = _ROLE_ALIASES.get(m.get("role"), m.get("role"))
-        messages.append(ChatMessage(role, _parse_content(m.get("content"), images)))
-    params = {"max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
-              "temperature": body.get("temperature", 1.0),  # OpenAI's default, not greedy
-              "top_p": body.get("top_p"), "top_k": body.get("top_k"), "seed": body.get("seed")}
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)):
-        raise invalid("`stop` must be a string or a list of strings", "stop")
-    req = GenerateRequest(request_id=request_id, messages=tuple(messages), images=tuple(images),
-                          stop=tuple(stop), ignore_eos=bool(body.get("ignore_eos", False)),
-                          model=body.get("model") or "", api_key=api_key, deadline=deadline,
-                          **{k: v for k, v in params.items() if v is not None})
-    opts = {"stream": bool(body.get("stream", False)),
-            "include_usage": bool((body.get("stream_options") or {}).get("include_usage")),
-            "token_ids": bool(body.get("return_token_ids", False))}
-    return req, opts
 
 
 def _usage(d: GenerateDelta) -> dict:
@@ -106,6 +46,7 @@ def _error_response(e: TrisectError) -> JSONResponse:
 def build_http_app(backend, auth: ApiKeys | None = None,
                    metrics: ApiMetrics | None = None) -> FastAPI:
     auth = auth or ApiKeys()
+    limits = getattr(backend, "limits", None) or Limits()
     app = FastAPI(title="trisect", docs_url=None, redoc_url=None, openapi_url=None)
 
     def authenticate(request: Request) -> str | None:
@@ -116,7 +57,7 @@ def build_http_app(backend, auth: ApiKeys | None = None,
     def fail(e: TrisectError) -> JSONResponse:
         if metrics:
             metrics.failed("http", e.code.value)
-        return _error_response(e)
+        return _error_response(TrisectError(e.code, request_log.with_id(e.message), e.param))
 
     @app.get("/health")
     async def health():
@@ -140,12 +81,15 @@ def build_http_app(backend, auth: ApiKeys | None = None,
     async def chat_completions(request: Request):
         try:
             key = authenticate(request)
+            rid = request.state.request_id = request_log.incoming(request.headers.get("x-request-id"))
             try:
-                body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError):
-                raise invalid("the request body is not valid JSON") from None
-            rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-            req, opts = request_from_openai(body, rid, key, _deadline(request))
+                body = parse_json(await _read_body(request, limits.max_request_bytes), limits)
+            except _TooLarge as e:
+                if metrics:
+                    metrics.failed("http", ErrorCode.INVALID_ARGUMENT.value)
+                return e.response()
+            req, opts = request_from_openai(body, rid, key,
+                                            deadline_from_header(request.headers.get(TIMEOUT_HEADER)))
             stream = backend.generate(req)
             first = await _first(stream)
         except TrisectError as e:
@@ -160,6 +104,8 @@ def build_http_app(backend, auth: ApiKeys | None = None,
         except TrisectError as e:
             return fail(e)
         if deltas is None:  # the client left; the request was aborted
+            if metrics:
+                metrics.failed("http", "CANCELLED")
             return Response(status_code=499)
         last = deltas[-1]
         if metrics:
@@ -199,10 +145,12 @@ def build_http_app(backend, auth: ApiKeys | None = None,
         except TrisectError as e:
             if metrics:
                 metrics.failed("http", e.code.value)
+            e = TrisectError(e.code, request_log.with_id(e.message, rid), e.param)
             yield "data: " + json.dumps(e.openai_body()) + "\n\n"
-        except BaseException:  # the client disconnected (GeneratorExit / cancellation)
+        except BaseException as e:  # the client disconnected (GeneratorExit / cancellation), or a bug
             if metrics:
-                metrics.failed("http", "CANCELLED")
+                gone = isinstance(e, (GeneratorExit, asyncio.CancelledError))
+                metrics.failed("http", "CANCELLED" if gone else ErrorCode.INTERNAL.value)
             raise
         finally:
             await stream.aclose()  # a disconnect lands here too: abort, free KV blocks
@@ -210,8 +158,12 @@ def build_http_app(backend, auth: ApiKeys | None = None,
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        return _error_response(TrisectError(ErrorCode.INTERNAL,
-                                            f"internal error: {type(exc).__name__}"))
+        rid = getattr(request.state, "request_id", "-")
+        log.error("request failed: request_id=%s", rid, exc_info=exc)
+        if metrics:
+            metrics.failed("http", ErrorCode.INTERNAL.value)  # the scrapeable count of our bugs
+        return _error_response(TrisectError(ErrorCode.INTERNAL, f"internal error (request_id {rid}); "
+                                            "see the server log"))
 
     return app
 
@@ -250,14 +202,26 @@ async def _first(stream) -> GenerateDelta:
         raise
 
 
-def _deadline(request: Request) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise invalid(f"{TIMEOUT_HEADER} must be a number of seconds", TIMEOUT_HEADER) from None
-    if not seconds > 0:
-        raise invalid(f"{TIMEOUT_HEADER} must be positive", TIMEOUT_HEADER)
-    return time.time() + seconds
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to be over `limit` — from content-length
+    before reading a byte, or while reading a chunked one — so it is never buffered whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"the request body is {'over ' if size > limit else ''}{size} bytes; the limit "
+                         f"is {limit} (max_request_bytes)")
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(self), "type": "invalid_request_error",
+                                       "param": None, "code": "request_too_large"}}, status_code=413)

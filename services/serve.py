@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decoders", type=int, help="decode replicas (pd, epd)")
     ap.add_argument("--transfer", choices=["objectstore", "shm", "collective", "fake"],
                     help="KV P→D: objectstore (default, any node), shm (same node, fastest), collective")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", help="bind address of gRPC and HTTP (config bind_host; default 127.0.0.1)")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int)
     ap.add_argument("--kv-cache-memory", type=int, help="MiB of KV cache per engine")
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> ClusterConfig:
     base = ClusterConfig.from_yaml(args.config).to_dict() if args.config else {"mode": "epd"}
     flags = {"model": args.model, "mode": None if args.mode == "local" else args.mode, "transfer": args.transfer,
-             "grpc_port": args.grpc_port, "kv_cache_memory_mib": args.kv_cache_memory, "redis_url": args.redis_url,
+             "grpc_port": args.grpc_port, "bind_host": args.host, "kv_cache_memory_mib": args.kv_cache_memory, "redis_url": args.redis_url,
              "object_store_memory_mib": args.object_store_memory,
              "api_keys": args.api_keys.split(",") if args.api_keys else None}
     base.update({k: v for k, v in flags.items() if v is not None})
@@ -69,8 +69,11 @@ def serve_cluster(cfg: ClusterConfig, host: str, http_port: int) -> None:
         ray.init(address=address)
     else:
         pools = {p: 64 for p in ("encode_pool", "prefill_pool", "decode_pool")}
+        # Prometheus scrapes every series (docs/metrics.md) from the head's metrics export port
+        metrics_port = int(os.environ.get("TRISECT_METRICS_EXPORT_PORT", "8080"))
         ray.init(resources=pools, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-                 **cfg.ray_head_options())
+                 _metrics_export_port=metrics_port, **cfg.ray_head_options())
+        print(f"Prometheus metrics: http://{host}:{metrics_port}/metrics (Ray's metrics export)", flush=True)
     try:
         serve.start(http_options={"host": host, "port": http_port})
         print(f"deploying {cfg.model} in {cfg.mode} mode: "
@@ -99,9 +102,12 @@ async def serve_local(cfg: ClusterConfig, host: str, http_port: int) -> None:
 
     auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
     print(f"loading {cfg.model} ...", flush=True)
-    backend = LocalBackend(load_model(cfg.model, cache_dir=cfg.cache_dir), EngineConfig(**cfg.engine()),
+    backend = LocalBackend(load_model(cfg.model, cache_dir=cfg.cache_dir), EngineConfig(**cfg.engine()), cfg.limits,
                            model_name=cfg.model)
     metrics = ApiMetrics(backend)
+    from services import request_log, stage_metrics
+    request_log.setup()
+    ingress_sampler = stage_metrics.watch_ingress(backend, "local")
     grpc_server = await start_grpc_server(backend, f"{host}:{cfg.grpc_port or 50051}", auth, metrics)
     http = uvicorn.Server(uvicorn.Config(build_http_app(backend, auth, metrics), host=host, port=http_port,
                                          log_level="warning"))
@@ -115,6 +121,7 @@ async def serve_local(cfg: ClusterConfig, host: str, http_port: int) -> None:
     await grpc_server.stop(grace=10)
     http.should_exit = True
     await http_task
+    ingress_sampler.close()
     backend.close()
 
 
@@ -122,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
     if args.mode == "local":
-        asyncio.run(serve_local(cfg, args.host, args.http_port))
+        asyncio.run(serve_local(cfg, cfg.bind_host, args.http_port))
         return 0
     if cfg.redis_url:
-        serve_cluster(cfg, args.host, args.http_port)
+        serve_cluster(cfg, cfg.bind_host, args.http_port)
         return 0
     from cluster.redis_server import RedisServer
     with RedisServer() as redis:               # private, loopback, stopped on exit
         print(f"started a private redis-server at {redis.url}", flush=True)
         cfg.redis_url = redis.url
-        serve_cluster(cfg, args.host, args.http_port)
+        serve_cluster(cfg, cfg.bind_host, args.http_port)
     return 0
 
 
