@@ -62,12 +62,6 @@ class Ingress:
         self.backend = ClusterBackend(frontend, orchestrator, cfg.model, cfg.limits, rate_limiter=limiter, journal=journal)
         self.auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
         self.metrics = ApiMetrics(self.backend)
-        from services import request_log, stage_loads, stage_metrics
-        from services.deployments import _replica_id
-        request_log.setup()
-        llm = {k: getattr(stages, k) for k in ("aggregated", "prefill", "decode") if getattr(stages, k)}
-        self.backend.loads = stage_loads.StageLoads(llm).start()
-        self.sampler = stage_metrics.watch_ingress(self.backend, _replica_id())
         self.grpc = None
         if cfg.grpc_port is not None:
             from services.grpc_ingress import start_grpc_server
