@@ -4,21 +4,51 @@ Life of a request: admit (RESOURCE_EXHAUSTED past `max_in_flight`) → validate 
 checkpoint's processor (no model weights on the ingress) → content-hash each image → orchestrator
 drives E → P → D → tokens become deltas through the shared ResponseBuilder. A deadline cancels the
 orchestration; cancellation travels down the Serve handles, so every stage aborts and frees KV.
+
+Errors keep their meaning across Ray (`client_error`): a TrisectError a stage raised passes as is;
+a ValueError (an engine's admission checks: prompt or KV need too big for it) is INVALID_ARGUMENT
+with the stage's own message; a lost instance that retries could not replace is UNAVAILABLE;
+anything else is a bug: INTERNAL with a generic message naming the request id, the detail (with
+Ray's remote traceback) in this replica's log.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 
+from services import request_log
 from services.api_inputs import Limits, prepare, sampling_params
 from services.api_types import GenerateRequest
 from services.backend import BackendStats, InFlight, until_deadline
 from services.errors import ErrorCode, TrisectError, invalid
-from services.orchestrator import Orchestrator, TransferFailed
+from services.orchestrator import Orchestrator, TransferFailed, lost_instance, stage_error
 from services.response import ResponseBuilder
+from services.stage_loads import Totals
 
-
+log = logging.getLogger(__name__)
 JOURNAL_EVERY = 16
+
+
+def client_error(e: Exception, request_id: str) -> TrisectError:
+    """What the client is told about an exception from the orchestration (see the module doc)."""
+    e = stage_error(e)
+    if isinstance(e, TrisectError):
+        return e
+    if isinstance(e, TimeoutError):
+        return TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
+                            "it was aborted on every stage")
+    if isinstance(e, TransferFailed):
+        return TrisectError(ErrorCode.UNAVAILABLE, f"KV transfer kept failing: {e}")
+    if isinstance(e, ValueError):
+        return invalid(str(e), "messages")
+    if lost_instance(e):
+        log.warning("request %s: instances lost and retries exhausted: %r", request_id, e)
+        return TrisectError(ErrorCode.UNAVAILABLE, "the instances serving this request were lost and retries "
+                            "ran out; retry later")
+    log.error("request %s failed", request_id, exc_info=e)
+    return TrisectError(ErrorCode.INTERNAL, f"internal error while serving request {request_id}; "
+                        "the details are in the server log")
 
 
 class ClusterBackend:
@@ -30,14 +60,17 @@ class ClusterBackend:
         self.limits = limits or Limits()
         self.rate_limiter, self.journal = rate_limiter, journal    # services/ingress_redis.py, or None
         self._in_flight = InFlight(self.limits.max_in_flight)
+        self.loads = None       # services/stage_loads.py: the engines' queues and KV, set by the ingress
 
     def model_names(self) -> list[str]:
         return [self.name]
 
     def stats(self) -> BackendStats:
-        # engines live in other processes; their block counts are on the stage replicas' stats()
-        return BackendStats(in_flight=len(self._in_flight), waiting=0, running=0, kv_blocks_used=0,
-                            kv_blocks_total=0, max_in_flight=self.limits.max_in_flight)
+        # engines live in other processes: their figures as last polled from the stage replicas
+        t = self.loads.totals() if self.loads is not None else Totals()
+        return BackendStats(in_flight=len(self._in_flight), waiting=t.waiting, running=t.running,
+                            kv_blocks_used=t.kv_blocks_used, kv_blocks_total=t.kv_blocks_total,
+                            max_in_flight=self.limits.max_in_flight)
 
     async def abort(self, request_id: str) -> None:
         pass        # streams abort by cancellation: the ingress closes the generator
@@ -48,6 +81,7 @@ class ClusterBackend:
         if self.rate_limiter is not None:
             await self.rate_limiter.check(req.api_key)
         self._in_flight.admit(req.request_id)
+        request_log.bind(req.request_id)    # the stage calls below carry it: their log lines name it
         state = "failed"
         try:
             prepared = await asyncio.to_thread(prepare, self.frontend, req, self.limits, self.frontend.max_model_len)
@@ -71,13 +105,8 @@ class ClusterBackend:
                 if response.finished:
                     state = "finished"
                     return
-        except TimeoutError:
-            raise TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
-                               "it was aborted on every stage") from None
-        except TransferFailed as e:
-            raise TrisectError(ErrorCode.UNAVAILABLE, f"KV transfer kept failing: {e}") from None
-        except ValueError as e:                        # an engine's admission checks
-            raise invalid(str(e), "messages") from None
+        except Exception as e:
+            raise client_error(e, req.request_id) from None
         finally:
             self._in_flight.release(req.request_id)
             if self.journal:

@@ -21,6 +21,7 @@ import time
 import torch
 
 from encoders.stored import DEFAULT_INLINE_LIMIT_BYTES, maybe_store, resolve
+from services import request_log, stage_metrics
 
 log = logging.getLogger(__name__)
 _REAP_INTERVAL_S = 1.0
@@ -62,13 +63,17 @@ class EncodeServer:
         self.advertised: set[str] = set()        # image hashes the router was told we hold
         self.presence = maybe_presence(redis_url, self.instance_id, "encode", "encode_pool", 8,
                                        lambda: Load(encode_queue=self.queued))
+        request_log.setup()
+        self.metrics = stage_metrics.watch_encoder(self)
 
     async def encode(self, items: list) -> list:
         """items: [(content_hash, pixel_inputs)] → ImageEmbedding per item, in order (or, past
         `inline_limit_bytes`, one StoredEmbeddings holding them all: see encoders/stored.py)."""
         self.queued += len(items)
         try:
-            out = await asyncio.to_thread(self.worker.encode, items)
+            with stage_metrics.Stopwatch() as took:
+                out = await asyncio.to_thread(self.worker.encode, items)
+            stage_metrics.encoded("encode", len(items), took.seconds)
         finally:
             self.queued -= len(items)
         if self.presence:
@@ -93,7 +98,7 @@ class EncodeServer:
 class LLMServer:
     def __init__(self, model: str, role: str, engine: dict | None = None, transfer: str = "objectstore",
                  threads: int | None = None, cache_dir: str | None = None, redis_url: str | None = None,
-                 prefault_object_store: bool = False):
+                 prefault_object_store: bool = False, transfer_timeout_s: float = 30.0):
         from decoders.config import EngineConfig
         from decoders.engine import Engine
         from decoders.kv_transfer import backend
@@ -113,12 +118,20 @@ class LLMServer:
             from decoders.kv_transfer.objectstore import prefault_plasma
             prefault_plasma()                      # now, so no request's KV put pays the page faults
         self.senders: dict = {}
+        # a transfer nobody acks within this is over: the reaper frees its blocks (orchestrator gone)
+        self.transfer_timeout_s = transfer_timeout_s
+        self.imports = 0                           # KV handovers this decode instance took in
         self.instance_id = _replica_id()
         self._reaper: asyncio.Task | None = None
         from services.presence import maybe_presence
         pool = "decode_pool" if role == "decode" else "prefill_pool"
         self.presence = maybe_presence(redis_url, self.instance_id, role, pool, self.engine.config.max_num_seqs,
                                        self._load)
+        request_log.setup()
+        self.transfer = transfer
+        self.metrics = stage_metrics.watch_engine(self.engine, role, self.instance_id)
+        if role == "decode":
+            stage_metrics.transferred(transfer, None)
 
     def _load(self):
         """Read from the presence thread without the engine lock: a slightly stale figure is fine."""
@@ -132,7 +145,9 @@ class LLMServer:
             return await resolve(images)
         if not pixels:
             return []
-        embeds = await asyncio.to_thread(self.vision.encode, [p for _, p in pixels])
+        with stage_metrics.Stopwatch() as took:
+            embeds = await asyncio.to_thread(self.vision.encode, [p for _, p in pixels])
+        stage_metrics.encoded(self.role, len(pixels), took.seconds)
         for emb, (content_hash, _) in zip(embeds, pixels):
             emb.content_hash = content_hash
         return embeds
@@ -154,7 +169,7 @@ class LLMServer:
         async for out in self.loop.stream(rid, self._start(rid, token_ids, sampling, imgs)):
             if out.kv is None:                       # finished at its first token: nothing to hand over
                 return {"tokens": out.new_token_ids, "finish_reason": out.finish_reason, "ticket": None}
-            sender = self.sender_cls(out.kv)
+            sender = self.sender_cls(out.kv, timeout_s=self.transfer_timeout_s)
             self.senders[rid] = sender
             if self.presence:                    # the prompt's blocks stay cached here: prefix affinity
                 self.presence.publish("px", [h.hex() for h in out.block_hashes])
@@ -173,16 +188,22 @@ class LLMServer:
         while True:
             await asyncio.sleep(_REAP_INTERVAL_S)
             for rid, sender in list(self.senders.items()):
-                if sender.poll().done:
-                    log.warning("KV transfer of %s ended %s (%s); freeing its blocks", rid,
-                                sender.state.value, sender.error)
-                    await self.release(rid, sender.state.value == "success")
+                try:
+                    if sender.poll().done:
+                        log.warning("KV transfer of %s ended %s (%s); freeing its blocks", rid,
+                                    sender.state.value, sender.error)
+                        await self.release(rid, sender.state.value == "success")
+                except Exception:                # one bad transfer must not stop the reaping of others
+                    log.exception("reaping the KV transfer of %s failed", rid)
 
     async def decode(self, rid: str, ticket):
         rx = self.receiver_cls(ticket)
-        while not rx.poll().done:
-            await asyncio.sleep(0.0005)
-        if rx.state.value != "success":
+        with stage_metrics.Stopwatch() as took:
+            while not rx.poll().done:
+                await asyncio.sleep(0.0005)
+        ok = rx.state.value == "success"
+        stage_metrics.transferred(self.transfer, ok, rx.payload().nbytes if ok else 0, took.seconds)
+        if not ok:
             yield {"transfer_failed": rx.error or "transfer failed"}
             return
         payload = rx.payload()
@@ -190,6 +211,7 @@ class LLMServer:
         async for out in self.loop.stream(rid, lambda e: e.import_kv(payload)):
             if not imported:                     # the engine has copied the KV: the source may free it
                 imported = True
+                self.imports += 1
                 yield {"imported": True, "decode_instance": self.instance_id}
             yield {"tokens": out.new_token_ids, "finish_reason": out.finish_reason}
 
@@ -200,4 +222,5 @@ class LLMServer:
                     "waiting": len(e.scheduler.waiting), "running": len(e.scheduler.running),
                     "handovers": len(e.handovers), "prefix_hits": bm.prefix_hits}
         return {"instance_id": self.instance_id, "role": self.role, "senders": len(self.senders),
-                "resources": _assigned_resources(), "time": time.time(), **(await self.loop.run(read))}
+                "imports": self.imports, "resources": _assigned_resources(), "time": time.time(),
+                **(await self.loop.run(read))}

@@ -8,7 +8,12 @@
     migrate  a decode instance that dies mid-stream: prompt + the tokens streamed so far are
              re-prefilled on a live instance and decoding continues — one uninterrupted stream
     lost     a prefill instance that dies (or the encoder owning its stored embeddings: those are
-             encoded again) is retried on another; errors of the request itself are not retried
+             encoded again) is retried on another
+    errors   only a lost instance (`lost_instance`: actor died or unreachable, object lost) is
+             retried or migrated; any other exception a stage raises — the request's own fault
+             (ValueError, TrisectError) or a bug — fails the request once, as itself: StageClient
+             strips Ray's RayTaskError wrapping (`stage_error`), so what reaches the ingress is
+             the exception the replica raised, never Ray's traceback text
 
 aggregated mode skips all of that: one replica runs the whole request. Stages are reached through
 `StageClient`s, so the same code drives Ray Serve handles or in-process servers (tests).
@@ -21,16 +26,30 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
-from ray.exceptions import ObjectLostError, RayActorError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from cluster.request_router import pinned
+from services.follow import follow_moves
 
 MODES = ("aggregated", "pd", "epd")
+# RayActorError covers ActorDiedError and ActorUnavailableError; ObjectLostError covers OwnerDiedError,
+# ObjectFreedError, ObjectFetchTimedOutError and failed reconstruction
+_LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
+
+
+def stage_error(e: BaseException) -> BaseException:
+    """The exception the stage replica itself raised. Ray delivers it as RayTaskError(Original): an
+    instance of both classes whose str() is Ray's traceback (process id, address, frames) and whose
+    `cause` is the original; nested calls (a replica calling another) nest the wrapping."""
+    while isinstance(e, RayTaskError) and isinstance(e.cause, BaseException) and e.cause is not e:
+        e = e.cause
+    return e
 
 
 def lost_instance(e: BaseException) -> bool:
-    """A replica, or the owner of an object the call needed, is gone: another instance can redo it."""
-    return isinstance(e, (RayActorError, ObjectLostError))
+    """A replica, or the owner of an object the call needed, is gone: another instance can redo it.
+    Nothing else is: a request error fails the same way anywhere, and a bug must not run 3 times."""
+    return isinstance(stage_error(e), _LOST)
 
 
 class StageClient:
@@ -46,17 +65,23 @@ class StageClient:
 
     async def call(self, method: str, *args, pin: str | None = None):
         """`pin`: a replica id from the router; Serve falls back to its own choice if it is gone."""
-        if self.is_handle:
+        if not self.is_handle:
+            return await getattr(self.target, method)(*args)
+        try:
             return await getattr(self._handle(pin), method).remote(*args)
-        return await getattr(self.target, method)(*args)
+        except RayTaskError as e:
+            raise stage_error(e) from e          # chained: the server log keeps Ray's traceback
 
     async def stream(self, method: str, *args, pin: str | None = None) -> AsyncIterator:
-        if self.is_handle:
-            gen = getattr(self._handle(pin, stream=True), method).remote(*args)
-        else:
-            gen = getattr(self.target, method)(*args)
-        async for item in gen:
-            yield item
+        if not self.is_handle:
+            async for item in getattr(self.target, method)(*args):
+                yield item
+            return
+        try:
+            async for item in getattr(self._handle(pin, stream=True), method).remote(*args):
+                yield item
+        except RayTaskError as e:
+            raise stage_error(e) from e
 
 
 @dataclass(slots=True)
@@ -175,10 +200,10 @@ class Orchestrator:
                 await self.stages.prefill.call("release", rid, False, str(e), pin=route.prefill)
                 if attempt == self.max_retries:
                     raise
-            except Exception:                        # the decode instance failed mid-stream: migrate
-                self.migrations += 1
-                if attempt == self.max_retries:
-                    raise
+            except Exception as e:
+                if not lost_instance(e) or attempt == self.max_retries:
+                    raise                            # not a lost instance: re-prefilling would fail again
+                self.migrations += 1                 # the decode instance died mid-stream: migrate
 
     async def route(self, rid: str, token_ids: list[int], pixels: list) -> Route:
         if self.router is None:
@@ -189,7 +214,8 @@ class Orchestrator:
         imported = False
         release = lambda *a: self.stages.prefill.call("release", rid, *a, pin=route.prefill)
         try:
-            async for item in self.stages.decode.stream("decode", rid, ticket, pin=route.decode):
+            # follow_moves: a decode instance switching role moves the sequence on (services/follow.py)
+            async for item in follow_moves(self.stages.decode, rid, ticket, route.decode):
                 if "transfer_failed" in item:
                     raise TransferFailed(item["transfer_failed"])
                 if item.get("imported"):

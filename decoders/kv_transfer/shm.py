@@ -5,8 +5,10 @@ their pages are already faulted in — fresh shared memory costs as much in page
 itself), copies the KV in, and names the segment in the ticket with the KV's shape and dtype and the
 small rest of the payload. The receiver maps the segment and hands out a tensor *viewing* it, so
 `import_kv` copies straight from the sender's memory into its own block pool. The segment returns to
-the sender's pool once the transfer is over (ack, failure or timeout) — the orchestrator acks only
-after the decode engine has imported, so the memory is never reused while being read.
+the sender's pool once the transfer succeeded — the orchestrator acks only after the decode engine
+has imported, so the memory is never reused while being read. A failed or timed-out transfer's
+segment is retired (closed and unlinked), never reused: a late receiver may still be reading it, and
+a segment whose name is gone (someone cleaned /dev/shm) would otherwise fail every later transfer.
 """
 from __future__ import annotations
 
@@ -45,6 +47,16 @@ class _SegmentPool:
     def release(self, seg: shared_memory.SharedMemory) -> None:
         with self.lock:
             self.free.append(seg)
+
+    @staticmethod
+    def retire(seg: shared_memory.SharedMemory) -> None:
+        """Drop a segment for good; a receiver's existing mapping stays valid until it unmaps."""
+        seg.close()
+        try:
+            seg.unlink()
+        except FileNotFoundError:                 # already gone: that may be why the transfer failed
+            from multiprocessing import resource_tracker
+            resource_tracker.unregister(seg._name, "shared_memory")   # noqa: SLF001 - or it warns at exit
 
 
 _POOL = _SegmentPool()
@@ -92,8 +104,8 @@ class ShmSender(KVSender):
 
     def poll(self) -> TransferState:
         state = super().poll()
-        if state.done and self.segment is not None:   # over (ack, failure, timeout): reuse the segment
-            _POOL.release(self.segment)
+        if state.done and self.segment is not None:   # over: reuse the segment only if it served well
+            (_POOL.release if state is TransferState.SUCCESS else _POOL.retire)(self.segment)
             self.segment = None
         return state
 

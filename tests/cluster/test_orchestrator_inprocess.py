@@ -1,29 +1,44 @@
-"""The orchestrator over in-process stage servers (no Ray): transfer failures re-prefill to the
-same tokens, and after many requests no KV block is held on either side."""
+"""The orchestrator over in-process stage servers (no Ray): a KV transfer broken on the real shm
+backend re-prefills to the same tokens, errors a stage raises — wrapped by Ray exactly as a Serve
+replica's are — reach the client as themselves and are retried only when an instance was lost, the
+reaper frees a transfer nobody acks, and after many requests no KV block is held on either side."""
 import asyncio
 import hashlib
-import itertools
+import os
+import time
 
+import _posixshmem
 import pytest
-from ray.exceptions import ActorDiedError, OwnerDiedError
+from ray.exceptions import ActorDiedError, OwnerDiedError, RayTaskError
 
-from decoders.kv_transfer.fake import FakeSender
+from decoders.kv_transfer import shm
+from decoders.kv_transfer.fake import FakeReceiver, FakeSender
 from decoders.model import prepare_prompt
 from decoders.sampling import SamplingParams
+from services.api_types import GenerateRequest
+from services.cluster_backend import ClusterBackend
 from services.deployments import EncodeServer, LLMServer
+from services.errors import ErrorCode, TrisectError, invalid
 from services.orchestrator import Orchestrator, StageClient, Stages, TransferFailed
 from tests.reference import hf_greedy
 
 ENGINE = {"block_size": 8, "kv_cache_memory": 16 * 2**20}
 
 
-class FlakySender(FakeSender):
-    """Fails the first `failures` transfers it is asked to make, as a broken link would."""
-    failures = itertools.count()
+class VanishingShmSender(shm.ShmSender):
+    """The real shm sender, whose next `budget` segments are unlinked from /dev/shm right after the
+    KV is written — as a cleanup of /dev/shm would — so the receiver cannot map them."""
     budget = 0
 
-    def __init__(self, payload, timeout_s: float = 30.0):
-        super().__init__(payload, timeout_s, fail=next(FlakySender.failures) < FlakySender.budget)
+    def start(self) -> dict:
+        ticket = super().start()
+        if VanishingShmSender.budget:
+            VanishingShmSender.budget -= 1
+            _posixshmem.shm_unlink("/" + ticket["segment"])      # behind the sender's back
+            # sender and receiver share this process: forget a mapping a previous transfer of this
+            # pooled segment left, as a decode process that never received through it would have none
+            shm._ATTACHED.pop(ticket["segment"], None)
+        return ticket
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +71,27 @@ async def assert_nothing_held(*servers):
         assert st["handovers"] == 0 and st["senders"] == 0 and st["running"] == 0 and st["waiting"] == 0, st
 
 
-def test_failed_transfer_reprefills_to_identical_tokens(servers, tiny_llava, make_image):
+def test_broken_shm_transfer_reprefills_to_identical_tokens(servers, tiny_llava, make_image):
     prefill, decode = servers
-    prefill.sender_cls = FlakySender
-    FlakySender.failures, FlakySender.budget = itertools.count(), 1
+    prefill.sender_cls, decode.receiver_cls = VanishingShmSender, shm.ShmReceiver
+    VanishingShmSender.budget = 1
     orch = orchestrator(prefill, decode)
     image = make_image(21)
     tokens = asyncio.run(collect(orch, "flaky", tiny_llava, "what is this", [image], 12))
-    assert orch.transfer_failures == 1
+    assert orch.transfer_failures == 1 and VanishingShmSender.budget == 0
     assert tokens == hf_greedy(tiny_llava, "what is this", [image], 12)
     asyncio.run(assert_nothing_held(prefill, decode))
+    # the broken segment was retired, not pooled: the next transfer works at the first try
+    assert asyncio.run(collect(orch, "after", tiny_llava, "what is this", [image], 12)) == tokens
+    assert orch.transfer_failures == 1
 
 
 def test_transfer_that_always_fails_ends_in_an_error_and_frees(servers, tiny_llava):
     prefill, decode = servers
-    prefill.sender_cls = FlakySender
-    FlakySender.failures, FlakySender.budget = itertools.count(), 99
+    prefill.sender_cls, decode.receiver_cls = VanishingShmSender, shm.ShmReceiver
+    VanishingShmSender.budget = 99
     orch = orchestrator(prefill, decode, retries=1)
-    with pytest.raises(TransferFailed):
+    with pytest.raises(TransferFailed, match="No such file"):
         asyncio.run(collect(orch, "doomed", tiny_llava, "hello", [], 8))
     assert orch.transfer_failures == 2
     asyncio.run(assert_nothing_held(prefill, decode))
@@ -81,7 +99,7 @@ def test_transfer_that_always_fails_ends_in_an_error_and_frees(servers, tiny_lla
 
 def test_fifty_requests_leave_no_block_held(servers, tiny_llava, make_image):
     prefill, decode = servers
-    prefill.sender_cls = FakeSender
+    prefill.sender_cls, decode.receiver_cls = FakeSender, FakeReceiver
     orch = orchestrator(prefill, decode)
     images = [make_image(30 + i) for i in range(3)]
 
@@ -97,7 +115,7 @@ def test_fifty_requests_leave_no_block_held(servers, tiny_llava, make_image):
 
 def test_client_leaving_after_the_first_token_frees_prefill_blocks(servers, tiny_llava):
     prefill, decode = servers
-    prefill.sender_cls = FakeSender
+    prefill.sender_cls, decode.receiver_cls = FakeSender, FakeReceiver
     orch = orchestrator(prefill, decode)
 
     async def first_token_then_leave():
@@ -112,12 +130,21 @@ def test_client_leaving_after_the_first_token_frees_prefill_blocks(servers, tiny
     asyncio.run(assert_nothing_held(prefill, decode))
 
 
-class DyingDecode:
-    """A decode stage whose first stream dies after `after` token messages, like a replica lost
-    mid-stream; later streams are served normally by the real server behind it."""
+def ray_wrapped(cause: BaseException, where: str = "LLMServer.decode") -> BaseException:
+    """The exception a Serve handle raises when the replica raised `cause`: Ray's own
+    RayTaskError(cause type), carrying the remote traceback, process id and address."""
+    tb = "Traceback (most recent call last):\n  File \"/srv/services/deployments.py\", line 1\n" + repr(cause)
+    return RayTaskError(where, tb, cause, pid=4242, ip="10.1.2.3").as_instanceof_cause()
 
-    def __init__(self, server, after: int):
+
+class DyingDecode:
+    """A decode stage whose first stream ends after `after` token messages with `error` — by default
+    the ActorDiedError Ray raises when the replica process is gone (the real kill is in
+    tests/cluster/test_redis_serving.py); later streams are served by the real server behind it."""
+
+    def __init__(self, server, after: int, error: BaseException | None = None):
         self.server, self.after, self.deaths = server, after, 0
+        self.error = error or ActorDiedError()
 
     async def decode(self, rid, ticket):
         sent = 0
@@ -126,7 +153,7 @@ class DyingDecode:
             sent += "tokens" in item
             if self.deaths == 0 and sent == self.after:
                 self.deaths += 1
-                raise RuntimeError("decode replica died")
+                raise self.error
 
     async def stats(self):
         return await self.server.stats()
@@ -184,7 +211,7 @@ class CountingEncode:
 def test_lost_prefill_instance_is_retried_to_identical_tokens(servers, trisect_cache, tiny_llava, make_image,
                                                               error, reencodes):
     prefill, decode = servers
-    prefill.sender_cls = FakeSender
+    prefill.sender_cls, decode.receiver_cls = FakeSender, FakeReceiver
     flaky = FailingPrefill(prefill, error)
     encode = CountingEncode(EncodeServer("tiny-llava", cache_dir=str(trisect_cache)))
     orch = Orchestrator("epd", Stages(encode=StageClient(encode, is_handle=False),
@@ -197,10 +224,70 @@ def test_lost_prefill_instance_is_retried_to_identical_tokens(servers, trisect_c
     asyncio.run(assert_nothing_held(prefill, decode))
 
 
-def test_a_request_error_in_prefill_is_not_retried(servers, tiny_llava):
+LEAKS = ("pid", "10.1.2.3", "Traceback", "RayTaskError", "deployments.py")
+
+
+@pytest.mark.parametrize("stage, cause, code, says", [
+    ("prefill", ValueError("a 3000-token sequence needs more KV blocks than this engine has"),
+     ErrorCode.INVALID_ARGUMENT, "a 3000-token sequence needs more KV blocks than this engine has"),
+    ("prefill", invalid("image 0 is not a picture", "images"), ErrorCode.INVALID_ARGUMENT,
+     "image 0 is not a picture"),
+    ("decode", ValueError("payload KV shape (1, 2) does not fit this model"), ErrorCode.INVALID_ARGUMENT,
+     "payload KV shape (1, 2) does not fit this model"),
+    ("decode", RuntimeError("CUDA error: an illegal memory access"), ErrorCode.INTERNAL,
+     "internal error while serving request err-"),
+])
+def test_a_stage_error_fails_once_as_itself(servers, tiny_llava, stage, cause, code, says):
+    """Only a lost instance is retried: a request error or a bug in a stage replica fails the request
+    once, with its own status and message (an unknown error: INTERNAL, generic) and no Ray internals."""
     prefill, decode = servers
-    flaky = FailingPrefill(prefill, ValueError("2 image placeholder tokens but 1 image embedding rows"))
-    with pytest.raises(ValueError, match="placeholder"):
-        asyncio.run(collect(orchestrator(flaky, decode), "bad", tiny_llava, "hi", [], 4))
-    assert flaky.calls == 1
+    prefill.sender_cls, decode.receiver_cls = FakeSender, FakeReceiver
+    counted = FailingPrefill(prefill, ray_wrapped(cause, "LLMServer.prefill"), times=int(stage == "prefill"))
+    dying = DyingDecode(decode, after=2, error=ray_wrapped(cause))
+    if stage == "prefill":
+        dying.deaths = 1                                # decode serves normally
+    orch = Orchestrator("pd", Stages(prefill=StageClient(counted, is_handle=False),
+                                     decode=StageClient(dying, is_handle=False)))
+    backend = ClusterBackend(tiny_llava, orch, "tiny-llava")
+    rid = f"err-{stage}-{type(cause).__name__}"
+
+    async def run():
+        got = []
+        async for delta in backend.generate(GenerateRequest(rid, prompt="tell me more", max_tokens=12,
+                                                            ignore_eos=True)):
+            got += delta.token_ids
+        return got
+
+    with pytest.raises(TrisectError) as e:
+        asyncio.run(run())
+    assert e.value.code is code and says in e.value.message, e.value.message
+    assert not any(leak in e.value.message for leak in LEAKS), e.value.message
+    assert counted.calls == 1 and orch.migrations == 0 and orch.prefill_failures == 0
+    time.sleep(0.1)                                     # the prefill release runs as a task
     asyncio.run(assert_nothing_held(prefill, decode))
+
+
+def test_reaper_frees_blocks_of_a_transfer_nobody_acks(trisect_cache, tiny_llava):
+    """The orchestrator vanished after prefill: no decode, no release ever comes. The sender times
+    out and the reaper gives the prompt's blocks back to the prefill engine."""
+    server = LLMServer("tiny-llava", "prefill", ENGINE, transfer="shm", cache_dir=str(trisect_cache),
+                       transfer_timeout_s=0.3)
+    prepared = prepare_prompt(tiny_llava, "nobody will ever ack this transfer", [])
+
+    async def main():
+        first = await server.prefill("orphan", prepared.token_ids, SamplingParams(max_tokens=8, ignore_eos=True))
+        held = await server.stats()
+        end = time.monotonic() + 10
+        while (await server.stats())["senders"] and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return first, held, await server.stats()
+
+    try:
+        first, held, after = asyncio.run(main())
+        assert first["ticket"] is not None
+        assert held["senders"] == 1 and held["handovers"] == 1 and held["free_blocks"] < held["total_blocks"], held
+        assert after["senders"] == 0 and after["handovers"] == 0, after
+        assert after["free_blocks"] == after["total_blocks"], after
+        assert not os.path.exists(f"/dev/shm/{first['ticket']['segment']}"), "a timed-out segment is retired"
+    finally:
+        server.loop.close()
