@@ -25,11 +25,12 @@ def test_routing_survives_redis_restart():
         req = RouteRequest(["img"], n_encoders_wanted=1)
         try:
             decisions, t0 = [], time.monotonic()
-            restarted_at = None
+            restarted_at = killed_at = None
             while time.monotonic() - t0 < 12:
                 el = time.monotonic() - t0
                 if el > 0.5 and srv.running and restarted_at is None:
                     srv.kill()
+                    killed_at = time.monotonic()
                 if el > 1.5 and not srv.running:
                     srv.start()
                     assert srv.port == int(cfg["url"].rsplit(":", 1)[1].split("/")[0])
@@ -45,6 +46,10 @@ def test_routing_survives_redis_restart():
             assert restarted_at is not None
             stale = [d for _, d in decisions if d.stale]
             assert stale, "outage not observed"
+            # routing really went on while Redis was down: decisions made inside the outage window,
+            # every one of them from the last-known registry
+            during = [d for t, d in decisions if killed_at < t < restarted_at]
+            assert len(during) >= 10 and all(d.stale for d in during), len(during)
             assert all(d.prefill == "p0" and d.decode in ("d0", "d1") and len(d.encoders) == 1
                        for _, d in decisions)
             recovered = decisions[-1][0] - restarted_at
