@@ -6,9 +6,17 @@ finishes each request right after its first token, returning a `KVPayload` in th
 holding the sequence's blocks until the transfer layer calls `release()` (SUCCESS or FAILED);
 a decode engine takes such payloads with `import_kv` and continues as if it had prefilled itself.
 The engine knows nothing of Ray, Redis or RPC; it is single-threaded — callers serialise access.
+
+Isolation: a request's own work — admission, sampling its row, its stop check, its handover — is
+kept apart from the others'. If it raises, that request alone ends, with a StepOutput whose
+finish_reason is "error" and whose `error` says why: a SamplingError (a ValueError) when its
+parameters are at fault, else a RuntimeError naming no internals (the traceback goes to the log).
+An add_request / import_kv that raises leaves nothing behind. Only a failure of the batch itself
+(scheduling, the forward pass) escapes `step()`.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -18,9 +26,11 @@ from decoders.config import EngineConfig
 from decoders.host_memory import retain_freed_memory
 from decoders.kv_payload import KVPayload, PayloadImage
 from decoders.model_runner import ModelRunner
-from decoders.sampling import SamplingParams, sample
+from decoders.sampling import SamplingError, SamplingParams, sample_row
 from decoders.scheduler import Scheduler
 from decoders.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -28,9 +38,10 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None      # "stop" | "length" | "abort" | "prefilled"
+    finish_reason: str | None = None      # "stop" | "length" | "abort" | "prefilled" | "error"
     kv: KVPayload | None = None           # prefill role: the handover, on the finishing output
     block_hashes: list[bytes] = field(default_factory=list)  # on finish: its cached blocks, for routing
+    error: Exception | None = None        # finish_reason "error": why this request (alone) failed
 
 
 class Engine:
@@ -68,14 +79,20 @@ class Engine:
         if payload.generator_state is not None and seq.generator is not None:
             seq.generator.set_state(payload.generator_state)
         self._admit(seq)
-        if self.block_manager.can_append(seq, len(seq)) and len(self.scheduler.running) < self.config.max_num_seqs:
-            self.block_manager.ensure_slots(seq, len(seq))
-            self.runner.pool.write(self.runner.pool.slots(seq.block_table, 0, payload.num_computed_tokens), payload.kv)
-            seq.num_computed_tokens = payload.num_computed_tokens
-            self.block_manager.commit(seq)
-            self.scheduler.add_running(seq)
-        else:
-            self.scheduler.add(seq)
+        try:
+            if self.block_manager.can_append(seq, len(seq)) and len(self.scheduler.running) < self.config.max_num_seqs:
+                self.block_manager.ensure_slots(seq, len(seq))
+                self.runner.pool.write(self.runner.pool.slots(seq.block_table, 0, payload.num_computed_tokens),
+                                       payload.kv)
+                seq.num_computed_tokens = payload.num_computed_tokens
+                self.block_manager.commit(seq)
+                self.scheduler.add_running(seq)
+            else:
+                self.scheduler.add(seq)
+        except Exception:                   # a bad payload: leave no sequence or block behind
+            del self.seqs[seq.request_id]
+            self.scheduler.finish(seq, "error")
+            raise
 
     def _admit(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -122,9 +139,25 @@ class Engine:
             self.block_manager.commit(seq)
         if not sampled:
             return []
-        seqs = [s for s, _ in sampled]
-        tokens = sample(torch.stack([l for _, l in sampled]), [s.sampling for s in seqs], [s.generator for s in seqs])
-        return [self._postprocess(seq, tok) for seq, tok in zip(seqs, tokens)]
+        greedy = torch.stack([l for _, l in sampled]).argmax(dim=-1).tolist()
+        outs = []
+        for (seq, logits), token in zip(sampled, greedy):
+            try:                            # one request's failure is its own (see the docstring)
+                if not seq.sampling.greedy:
+                    token = sample_row(logits, seq.sampling, seq.generator)
+                outs.append(self._postprocess(seq, token))
+            except Exception as e:
+                outs.append(self._fail(seq, e))
+        return outs
+
+    def _fail(self, seq: Sequence, error: Exception) -> StepOutput:
+        if not isinstance(error, SamplingError):   # its parameters' fault, told as is; else ours, logged
+            log.exception("request %s failed in the engine; the rest of its batch goes on", seq.request_id)
+            error = RuntimeError(f"request {seq.request_id} failed inside the engine ({type(error).__name__})")
+        self.handovers.pop(seq.request_id, None)
+        self.seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "error")
+        return StepOutput(seq.request_id, [], True, "error", error=error)
 
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
         seq.token_ids.append(token)

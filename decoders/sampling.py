@@ -1,14 +1,27 @@
 """Sampling: turn one row of logits into one token, per request.
 
-Greedy when temperature == 0 (the token-exactness oracle compares this path with HF `generate()`),
+Greedy below `MIN_TEMPERATURE` (the token-exactness oracle compares this path with HF `generate()`),
 otherwise temperature → top-k → top-p → multinomial with the request's own `torch.Generator`, so a
-seeded request reproduces whatever else shares its batch. Stop conditions live here too.
+seeded request reproduces whatever else shares its batch.
+
+Each row is sampled on its own and can fail on its own: a temperature the API accepts can still be
+too small to divide by (1e-45 turns every logit into ±inf and softmax into NaN), so anything below
+`MIN_TEMPERATURE` is greedy — the limit of sampling as temperature → 0 — and a row whose
+distribution still comes out non-finite or empty raises `SamplingError` (a ValueError: the
+request's parameters, not the engine, are at fault) for the engine to fail that request alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+# Below this a temperature is greedy: logits / 1e-5 stays finite in float32 for any |logit| < 3e33.
+MIN_TEMPERATURE = 1e-5
+
+
+class SamplingError(ValueError):
+    """This request's sampling parameters give no valid distribution over tokens."""
 
 
 @dataclass(slots=True)
@@ -36,20 +49,11 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [B, V]; one token per row. Greedy rows take argmax of the same logits HF would."""
-    tokens = logits.argmax(dim=-1).tolist()
-    for row, p in enumerate(params):
-        if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, generators[row])
-    return tokens
-
-
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+def sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """One token from one row of logits [V] (greedy rows: the engine takes the batch's argmax)."""
     scaled = logits.float() / p.temperature
     if p.top_k and p.top_k < scaled.numel():
         kth = torch.topk(scaled, p.top_k).values[-1]
@@ -61,6 +65,9 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
         drop = sorted_probs.cumsum(0) - sorted_probs > p.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0.0:
+        raise SamplingError(f"temperature={p.temperature:g}, top_p={p.top_p:g}, top_k={p.top_k} give no valid "
+                            f"probability distribution over tokens; use temperature 0 for greedy decoding")
     return int(torch.multinomial(probs, 1, generator=gen).item())
 
 

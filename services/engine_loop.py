@@ -6,6 +6,12 @@ asyncio queue for `rid` and queues `start` (e.g. `lambda e: e.add_request(...)`)
 it, then keeps stepping while work is pending and pushes each StepOutput for `rid` back to the
 caller's loop. If `start` raises (the engine's admission checks), that exception ends the stream.
 A consumer that stops early (cancel, disconnect) queues an abort, so its KV blocks are freed.
+
+Failures stay with their request: a StepOutput carrying `error` (the engine failed that request
+alone — its sampling parameters, its stop check) ends that stream only, with the engine's
+exception (a ValueError for the client's fault, which backends answer INVALID_ARGUMENT; else a
+RuntimeError), and every other stream goes on. Only an exception out of `engine.step()` itself —
+the batch's forward pass, a genuine engine fault — fails every request in the engine.
 """
 from __future__ import annotations
 
@@ -85,12 +91,12 @@ class EngineLoop:
                 self._drain(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
-                        self._push(out.request_id, out)
-            except Exception as e:     # a bug must not kill the loop: fail what is in flight, go on
+                        self._push(out.request_id, out if out.error is None else out.error)
+            except Exception:          # a bug must not kill the loop: fail what is in flight, go on
                 log.exception("engine step failed; failing every request in the engine")
                 for rid in list(self.engine.seqs):
                     self.engine.abort(rid)
-                    self._push(rid, RuntimeError(f"engine error: {e}"))
+                    self._push(rid, RuntimeError("the engine failed while running this request's batch"))
         for rid in list(self._streams):
             self._push(rid, EngineStopped("the engine is shutting down"))
 

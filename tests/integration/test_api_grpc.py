@@ -17,7 +17,7 @@ from services.client import AsyncTrisectClient, TrisectClient, main
 from services.errors import ErrorCode, TrisectError
 from services.grpc_ingress import start_grpc_server
 from services.local_backend import LocalBackend
-from tests.reference import hf_greedy
+from tests.reference import hf_generate, hf_greedy
 
 KEY = "test-key-1"
 LIMITS = Limits(max_images=2, max_image_bytes=300_000, max_image_pixels=1024 * 1024,
@@ -235,7 +235,6 @@ def test_cli_streams_to_stdout(stack, tiny_llava, make_image, tmp_path, capsys):
 
 
 def test_multi_turn_interleaved_messages_token_exact(client, tiny_llava, make_image):
-    import torch
     image = make_image(4)
     msgs = [{"role": "system", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "look:"},
@@ -251,8 +250,5 @@ def test_multi_turn_interleaved_messages_token_exact(client, tiny_llava, make_im
     inputs = proc(text=[proc.apply_chat_template(hf_msgs, add_generation_prompt=True,
                                                  tokenize=False)], images=[image],
                   return_tensors="pt")
-    with torch.inference_mode():
-        out = tiny_llava.model.generate(**inputs, max_new_tokens=8, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0)
-    ref = out[0, inputs["input_ids"].shape[1]:].tolist()
+    ref = hf_generate(tiny_llava, inputs, 8)
     assert list(client.generate(messages=msgs, max_tokens=8, ignore_eos=True).token_ids) == ref

