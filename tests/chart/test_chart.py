@@ -65,6 +65,7 @@ def test_render_is_accepted_by_kuberay_and_trisect(helm, values, monkeypatch):
     names = {d["name"] for d in app["deployments"]}
     expected = {"ingress": "Ingress"} | {s: s.capitalize() + "Server" for s in cfg.stage_names() if s != "ingress"}
     assert names == {expected[s] for s in cfg.stage_names()}
+    assert cfg.role_switching is False and cfg.bind_host == "0.0.0.0"
     groups = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     pools = {g["groupName"]: g for g in groups}
     from cluster.config import POOL_OF
