@@ -89,6 +89,8 @@ def _wire_fault(buf: bytes, desc, path: str = "") -> tuple[str, str] | None:
         except IndexError:
             return (path.rstrip(".") or "request"), "holds a corrupt field tag"
         num, wire = tag >> 3, tag & 7
+        if num == 0:
+            return (path.rstrip(".") or "request"), "holds field number 0 (corrupt bytes)"
         fd = desc.fields_by_number.get(num)
         name = path + (fd.name if fd else f"#{num}")
         try:
@@ -113,8 +115,8 @@ def _wire_fault(buf: bytes, desc, path: str = "") -> tuple[str, str] | None:
             return name, "is not valid UTF-8"
         except IndexError:
             return name, "is truncated"
-        if num == 0 or i > len(buf):
-            return name, "is truncated or corrupt"
+        if i > len(buf):
+            return name, "is truncated"
     return None
 
 
