@@ -47,8 +47,8 @@ $(TOOLS_STAMP): tests/chart/requirements.txt
 chart: install $(HELM) $(TOOLS_STAMP)
 	$(HELM) lint --strict $(CHART) $(foreach f,$(EXAMPLES),&& $(HELM) lint --strict $(CHART) -f $(f))
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
-	$(HELM) template trisect $(CHART) > $(RENDERED)/default.yaml
-	$(foreach f,$(EXAMPLES),$(HELM) template trisect $(CHART) -f $(f) > $(RENDERED)/$(notdir $(f)) &&) true
+	$(HELM) template trisect $(CHART) --namespace trisect > $(RENDERED)/default.yaml
+	$(foreach f,$(EXAMPLES),$(HELM) template trisect $(CHART) --namespace trisect -f $(f) > $(RENDERED)/$(notdir $(f)) &&) true
 	$(TOOLS)/venv/bin/python tests/chart/validate.py $(RENDERED)/*.yaml
 	$(TOOLS)/venv/bin/checkov --quiet --compact --framework kubernetes --config-file tests/chart/checkov.yaml -d $(RENDERED)
 	$(TOOLS)/venv/bin/hadolint Dockerfile
