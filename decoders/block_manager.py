@@ -56,6 +56,7 @@ class BlockManager:
     free_ids: dict[int, None] = field(init=False)        # insertion-ordered set: oldest freed first
     hash_to_block: dict[bytes, int] = field(init=False)
     prefix_hits: int = 0                                   # blocks served from the prefix cache
+    prefix_misses: int = 0                                 # full prompt blocks looked up, not cached
 
     def __post_init__(self):
         if self.num_blocks < 2:
@@ -124,6 +125,8 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.num_committed_blocks = len(hits)
         self.prefix_hits += len(hits)
+        if self.enable_prefix_caching:
+            self.prefix_misses += (len(seq) - 1) // self.block_size - len(hits)
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         self.ensure_slots(seq, len(seq))
 

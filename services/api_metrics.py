@@ -2,17 +2,25 @@
 
 Life: `trisect serve` makes one ApiMetrics (own registry, so several servers in one process — tests
 — never collide) and gives it to both ingresses. Each finished request is recorded once with its
-transport and outcome code; finished streams add their TTFT/TPOT and token counts. Backend gauges
-(in flight, queued, running, KV blocks) are read from `backend.stats()` at scrape time, so they are
-never stale. HTTP serves `render()` at /metrics.
+transport and final code (OK, an error code, or CANCELLED when the client left); finished streams
+add their TTFT/TPOT/end-to-end latency and token counts. Every record is mirrored into Ray's metrics
+export (cluster/metrics.py) when the ingress runs in a Ray replica, and logged with the request's
+id. Backend gauges (in flight, queued, running, KV blocks) are read from `backend.stats()` at
+scrape time, so they are never stale. HTTP serves `render()` at /metrics: this registry plus the
+process's stage series (all of them in `--mode local`).
 """
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from cluster import metrics as m
 from services.api_types import GenerateDelta
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
@@ -45,21 +53,38 @@ class ApiMetrics:
                                      ["transport"], registry=r)
         self.completion_tokens = Counter("trisect_completion_tokens", "generated tokens",
                                          ["transport"], registry=r)
+        self.e2e = Histogram(m.E2E.name, m.E2E.doc, ["transport"], buckets=m.E2E.buckets, registry=r)
         if backend is not None:
             r.register(_BackendCollector(backend))
 
     def finished(self, transport: str, final: GenerateDelta) -> None:
-        self.requests.labels(transport, "OK").inc()
-        if final.usage is not None:
-            self.prompt_tokens.labels(transport).inc(final.usage.prompt_tokens)
-            self.completion_tokens.labels(transport).inc(final.usage.completion_tokens)
-        if final.timings is not None:
-            self.ttft.labels(transport).observe(final.timings.ttft_ms / 1e3)
-            if final.usage is not None and final.usage.completion_tokens > 1:
-                self.tpot.labels(transport).observe(final.timings.tpot_ms / 1e3)
+        self._count(transport, "OK")
+        usage, timings = final.usage, final.timings
+        if usage is not None:
+            for own, ray_series, n in ((self.prompt_tokens, m.PROMPT_TOKENS, usage.prompt_tokens),
+                                       (self.completion_tokens, m.COMPLETION_TOKENS, usage.completion_tokens)):
+                own.labels(transport).inc(n)
+                ray_series.inc(n, transport=transport)
+        if timings is not None:
+            self._observe(self.ttft, m.TTFT, transport, timings.ttft_ms / 1e3)
+            if usage is not None:
+                gaps = max(usage.completion_tokens - 1, 0)
+                self._observe(self.e2e, m.E2E, transport, (timings.ttft_ms + timings.tpot_ms * gaps) / 1e3)
+                if gaps:
+                    self._observe(self.tpot, m.TPOT, transport, timings.tpot_ms / 1e3)
 
     def failed(self, transport: str, code: str) -> None:
+        self._count(transport, code)
+
+    def _count(self, transport: str, code: str) -> None:
         self.requests.labels(transport, code).inc()
+        m.REQUESTS.inc(transport=transport, code=code)
+        log.log(logging.DEBUG if code == "OK" else logging.INFO, "request ended %s (%s)", code, transport)
+
+    @staticmethod
+    def _observe(own, ray_series, transport: str, seconds: float) -> None:
+        own.labels(transport).observe(seconds)
+        ray_series.observe(seconds, transport=transport)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(m.REGISTRY)

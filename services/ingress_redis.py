@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from cluster import metrics
 from cluster.redis_store import RedisStore, StoreError
 from services.errors import ErrorCode, TrisectError
 
@@ -23,6 +24,7 @@ class RateLimiter:
         if per_s <= 0 or burst < 1:
             raise ValueError("rate limit needs per_s > 0 and burst >= 1")
         self.store, self.per_s, self.burst = store, per_s, burst
+        metrics.RATE_LIMITED.inc(0)
 
     async def check(self, api_key: str | None) -> None:
         try:
@@ -30,6 +32,7 @@ class RateLimiter:
         except StoreError:
             return
         if not d.allowed:
+            metrics.RATE_LIMITED.inc()
             raise TrisectError(ErrorCode.RESOURCE_EXHAUSTED, f"rate limit exceeded for this API key "
                                f"({self.per_s:g}/s, burst {self.burst}); retry after {d.retry_after_s:.2f} s")
 

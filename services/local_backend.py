@@ -14,6 +14,7 @@ import concurrent.futures
 import hashlib
 import time
 
+from services import stage_metrics
 from services.api_inputs import Limits, prepare, sampling_params
 from services.api_types import GenerateRequest
 from services.backend import BackendStats, InFlight, until_deadline
@@ -31,6 +32,7 @@ class LocalBackend:
         self.limits = limits or Limits()
         self.engine = Engine(loaded, engine_config)
         self.loop = EngineLoop(self.engine)
+        self.metrics = stage_metrics.watch_engine(self.engine, "local", stage_metrics.local_replica())
         self.name = model_name or loaded.path.name
         self._vision = None
         if loaded.family != "text":
@@ -99,13 +101,16 @@ class LocalBackend:
     def close(self) -> None:
         self._closed = True
         self.loop.close()
+        self.metrics.close()
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     def _prepare(self, req: GenerateRequest):
         prepared = prepare(self.loaded, req, self.limits, self.engine.max_model_len)
         images = []
         if prepared.pixel_inputs:
-            images = self._vision.encode(prepared.pixel_inputs)
+            with stage_metrics.Stopwatch() as took:
+                images = self._vision.encode(prepared.pixel_inputs)
+            stage_metrics.encoded("local", len(images), took.seconds)
             for img, data in zip(images, req.images):
                 # lets the engine's prefix cache reuse blocks holding the same picture
                 img.content_hash = hashlib.sha256(data).hexdigest()
