@@ -95,6 +95,11 @@ class ClusterConfig:
     bind_host: str = "127.0.0.1"           # gRPC and HTTP listen here; "0.0.0.0" only on purpose
     limits: Limits = field(default_factory=Limits)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    # prefill and decode replicas in one deployment on `llm_pool`, their role data in Redis, switched
+    # live (docs/roles.md). None: on in pd/epd when the cluster has Redis; False: separate deployments
+    role_switching: bool | None = None
+    role_controller: bool = True           # the SLO controller (off: switches only by `trisect roles set`)
+    role_policy: dict = field(default_factory=dict)   # cluster.role_policy.SwitchPolicy overrides
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -116,10 +121,19 @@ class ClusterConfig:
             raise ValueError("embed_inline_limit_kib must be >= 0 (0: always through the object store)")
         if self.object_store_memory_mib is not None and self.object_store_memory_mib < 64:
             raise ValueError("object_store_memory_mib must be >= 64 (or None for Ray's default)")
+        if self.role_switching and self.mode == "aggregated":
+            raise ValueError("role_switching needs mode pd or epd (aggregated has no roles to switch)")
+        from cluster.role_policy import SwitchPolicy
+        SwitchPolicy(**self.role_policy)   # bad keys or values fail here, at load time
         if self.redis_url:  # ${VAR} from the environment: a password stays in a Secret (helm chart)
             self.redis_url = os.path.expandvars(self.redis_url)
-        if self.redis_url:  # ${VAR} from the environment: a password stays in a Secret (helm chart)
-            self.redis_url = os.path.expandvars(self.redis_url)
+
+    @property
+    def switching(self) -> bool:
+        """Role switching in effect (role_switching, or its default for this mode and Redis)."""
+        if self.role_switching is not None:
+            return self.role_switching
+        return self.mode != "aggregated" and bool(self.redis_url)
 
     def stage_names(self) -> tuple[str, ...]:
         return {"aggregated": ("ingress", "aggregated"), "pd": ("ingress", "prefill", "decode"),

@@ -141,8 +141,10 @@ class Registry:
         self.stale = False
 
     def register(self, info: InstanceInfo, load: Load | None = None, heartbeat_s: float | None = None,
-                 start: bool = False) -> "InstanceAgent":
-        agent = InstanceAgent(self.store, InstanceRecord(info, load or Load(), since=time.time()), self.ttl_s,
+                 start: bool = False, state: RoleState | str = RoleState.ACTIVE,
+                 target: Role | str | None = None) -> "InstanceAgent":
+        """`state`/`target`: e.g. SWITCHING into its first role while the instance still loads (unroutable)."""
+        agent = InstanceAgent(self.store, InstanceRecord(info, load or Load(), state, target, time.time()), self.ttl_s,
                               heartbeat_s)
         agent.heartbeat()
         if start:

@@ -5,7 +5,7 @@ one engine). To take another role it must first stop accepting new work and fini
 it holds — DRAINING — then reload/reconfigure — SWITCHING — and only then come back ACTIVE in the new
 role. Routers consider ACTIVE instances only, so a switch never receives work half-way and never
 drops or duplicates a request. A drain may be cancelled (back to ACTIVE in the old role); a switch,
-once started, must finish. This module is pure: no Redis, no Ray.
+once started, either finishes or fails back to ACTIVE in the old role. This module is pure: no Redis, no Ray.
 """
 from __future__ import annotations
 
@@ -103,3 +103,10 @@ class RoleMachine:
         self._go(RoleState.ACTIVE)
         assert self.target is not None
         self.role, self.target = self.target, None
+
+    def fail_switch(self) -> None:
+        """The reconfiguration failed: back to ACTIVE in the old role (the instance still serves it)."""
+        if self.state is not RoleState.SWITCHING:
+            raise InvalidTransition(f"cannot fail a switch from {self.state.value}")
+        self._go(RoleState.ACTIVE)
+        self.target = None

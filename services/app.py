@@ -4,7 +4,9 @@ Usable as a RayService `import_path` (`services.app:app_builder`, args = the con
 stage becomes one deployment placed on its pool by a custom resource (`encode_pool`,
 `prefill_pool`, `decode_pool`) with its own fixed replica count or autoscaling policy; the ingress
 deployment holds the stages' handles, runs the orchestrator, serves OpenAI-compatible HTTP through
-Serve's proxy and gRPC on `grpc_port` from inside the replica.
+Serve's proxy and gRPC on `grpc_port` from inside the replica. With role switching (the default
+in pd/epd with Redis) prefill and decode are one `LLMPool` deployment on `llm_pool` whose replicas
+switch role live, and every ingress runs the role controller (one acts, under a Redis lease).
 """
 from __future__ import annotations
 
@@ -62,6 +64,18 @@ class Ingress:
         self.backend = ClusterBackend(frontend, orchestrator, cfg.model, cfg.limits, rate_limiter=limiter, journal=journal)
         self.auth = ApiKeys(cfg.api_keys) if cfg.api_keys else ApiKeys.from_env()
         self.metrics = ApiMetrics(self.backend)
+        from services import request_log, stage_loads, stage_metrics
+        from services.deployments import _replica_id
+        request_log.setup()
+        llm = {k: getattr(stages, k) for k in ("aggregated", "prefill", "decode") if getattr(stages, k)}
+        self.backend.loads = stage_loads.StageLoads(llm).start()
+        self.sampler = stage_metrics.watch_ingress(self.backend, _replica_id())
+        self.roles = None
+        if cfg.switching and cfg.role_controller and cfg.redis_url:
+            from cluster.redis_store import RedisStore
+            from cluster.role_policy import SwitchPolicy
+            from cluster.role_switcher import RoleSwitcher
+            self.roles = RoleSwitcher(RedisStore(cfg.redis_url), _replica_id(), SwitchPolicy(**cfg.role_policy)).start()
         self.grpc = None
         if cfg.grpc_port is not None:
             from services.grpc_ingress import start_grpc_server
@@ -72,11 +86,32 @@ class Ingress:
         return build_http_app(self.backend, self.auth, self.metrics)
 
 
+def llm_pool(config: ClusterConfig) -> serve.Application:
+    """Role switching: prefill and decode replicas as one deployment on `llm_pool`, first split from
+    the stages' replica counts (services/switchable.py); prefill's stage sets the actor options."""
+    from services.switchable import SwitchableLLMServer
+    if not config.redis_url:
+        raise ValueError("role_switching needs redis_url: roles live in the Redis registry")
+    pre, dec = config.stages["prefill"], config.stages["decode"]
+    opts = stage_options("prefill", pre)
+    opts.update(name="LLMPool", max_ongoing_requests=_MAX_ONGOING["decode"])
+    opts["ray_actor_options"]["resources"] = {"llm_pool": 1}
+    opts.pop("autoscaling_config", None)
+    opts["num_replicas"] = pre.replicas + dec.replicas
+    d = serve.deployment(SwitchableLLMServer).options(**opts)
+    return d.bind(config.model, {"prefill": pre.replicas, "decode": dec.replicas}, config.engine(), config.transfer,
+                  pre.threads, config.cache_dir, config.redis_url, config.prefault_object_store)
+
+
 def build_app(config: ClusterConfig) -> serve.Application:
     engine = config.engine()
     common = {"cache_dir": config.cache_dir, "redis_url": config.redis_url}
     bound = {}
+    if config.switching:
+        bound["prefill"] = bound["decode"] = llm_pool(config)
     for name in config.stage_names():
+        if name in bound:
+            continue
         stage = config.stages[name]
         if name == "encode":
             d = serve.deployment(EncodeServer).options(**stage_options(name, stage))

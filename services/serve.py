@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-cache-memory", type=int, help="MiB of KV cache per engine")
     ap.add_argument("--object-store-memory", type=int, help="MiB of plasma store of the local Ray head (2048)")
     ap.add_argument("--redis-url", help="an existing Redis; without it a private redis-server is started")
+    ap.add_argument("--role-switching", choices=["on", "off"],
+                    help="prefill/decode replicas switch role live under the SLO controller (default on in pd/epd)")
     ap.add_argument("--api-keys", help="comma-separated API keys (env TRISECT_API_KEYS)")
     return ap.parse_args(argv)
 
@@ -43,6 +45,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     flags = {"model": args.model, "mode": None if args.mode == "local" else args.mode, "transfer": args.transfer,
              "grpc_port": args.grpc_port, "bind_host": args.host, "kv_cache_memory_mib": args.kv_cache_memory, "redis_url": args.redis_url,
              "object_store_memory_mib": args.object_store_memory,
+             "role_switching": None if args.role_switching is None else args.role_switching == "on",
              "api_keys": args.api_keys.split(",") if args.api_keys else None}
     base.update({k: v for k, v in flags.items() if v is not None})
     stages = base.setdefault("stages", {})
@@ -68,7 +71,7 @@ def serve_cluster(cfg: ClusterConfig, host: str, http_port: int) -> None:
     if address:
         ray.init(address=address)
     else:
-        pools = {p: 64 for p in ("encode_pool", "prefill_pool", "decode_pool")}
+        pools = {p: 64 for p in ("encode_pool", "prefill_pool", "decode_pool", "llm_pool")}
         # Prometheus scrapes every series (docs/metrics.md) from the head's metrics export port
         metrics_port = int(os.environ.get("TRISECT_METRICS_EXPORT_PORT", "8080"))
         ray.init(resources=pools, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),

@@ -46,3 +46,13 @@ def test_validation():
         RoleMachine(Role.DECODE, RoleState.DRAINING)         # draining needs a target
     with pytest.raises(ValueError):
         RoleMachine(Role.DECODE, target=Role.PREFILL)        # active has none
+
+
+def test_a_failed_switch_returns_to_the_old_role():
+    m = RoleMachine(Role.PREFILL)
+    m.begin_drain("decode")
+    m.begin_switch()
+    m.fail_switch()
+    assert (m.role, m.state, m.target, m.routable) == (Role.PREFILL, RoleState.ACTIVE, None, True)
+    with pytest.raises(InvalidTransition):
+        m.fail_switch()

@@ -1,0 +1,282 @@
+"""SwitchableLLMServer: an LLM replica of the shared pool whose role (prefill or decode) is data.
+
+Life: with `role_switching` on, every LLM replica is one of these, in one Serve deployment on the
+`llm_pool` resource. At start it picks its first role under a short Redis lease (`rolepick`):
+the role furthest below the configured split (prefill/decode replica counts), and registers in
+it as SWITCHING — unroutable — until the model is loaded, then ACTIVE. A watcher thread
+heartbeats its load and reads the role the control plane asks for (`desired_role`, set by the
+controller or `trisect roles set`); a different one starts a switch, in its own thread:
+
+  ACTIVE --drain--> DRAINING --(drained)--> SWITCHING --(engine role flipped)--> ACTIVE (new role)
+    prefill -> decode: no new prefills are routed here; in-flight ones finish and their KV senders
+        reach SUCCESS/FAILED (acked by the orchestrator, or reaped); then the same engine — weights
+        and KV pool — serves decode.
+    decode -> prefill: every sequence running here is exported (its KV copied out, its blocks
+        freed) to a sender, and its stream ends with {"moved": ticket, "to": <an ACTIVE decode
+        instance>, "from": us}; the orchestrator follows it there (services/follow.py), where the
+        KV is imported — nothing is recomputed, the client's stream goes on with the next token.
+  A drain is cancelled when the request is withdrawn (or changed); a failure leaves the instance
+  ACTIVE in its old role. Every switch's duration and outcome is kept (`stats()["switches"]`) and
+  observed in the `trisect_role_switch_seconds` histogram.
+Work that reaches an instance no longer in the role (routed just before the switch began):
+a decode call is forwarded unimported ({"moved", "from": None}); a prefill is served only while
+the engine still prefills (the drain waits a grace period for such late arrivals).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+
+from cluster.lease import Lease
+from cluster.redis_store import RedisStore
+from cluster.registry import InstanceInfo, Load, Registry
+from cluster.role_switcher import LLM_POOL
+from cluster.roles import Role, RoleMachine, RoleState
+from decoders.config import EngineConfig
+from decoders.engine import StepOutput
+from services.deployments import LLMServer, _replica_id
+
+log = logging.getLogger(__name__)
+_ROLES = (Role.PREFILL, Role.DECODE)
+
+
+def first_role(registry: Registry, split: dict[str, int]) -> Role:
+    """The role furthest below its share of the split among the pool's live instances."""
+    have = Counter((r.target or r.info.role) for r in registry.live() if r.info.pool == LLM_POOL)
+    return min(_ROLES, key=lambda r: (have[r] / split[r.value] if split.get(r.value) else float("inf"),
+                                      _ROLES.index(r)))
+
+
+class _Publisher:
+    """What LLMServer expects of `presence`: cache publication through our registry agent."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def publish(self, kind, hashes):
+        if hashes:
+            self.agent.publish(kind, hashes)
+
+    def unpublish(self, kind, hashes):
+        if hashes:
+            self.agent.unpublish(kind, hashes)
+
+
+class SwitchableLLMServer(LLMServer):
+    def __init__(self, model: str, split: dict[str, int], engine: dict | None = None, transfer: str = "objectstore",
+                 threads: int | None = None, cache_dir: str | None = None, redis_url: str | None = None,
+                 prefault_object_store: bool = False, grace_s: float = 0.5, drain_timeout_s: float = 60.0,
+                 interval_s: float = 0.25):
+        if not redis_url:
+            raise ValueError("role switching needs redis_url: roles live in the Redis registry")
+        iid = _replica_id()
+        self.registry = Registry(RedisStore(redis_url))
+        capacity = EngineConfig(**(engine or {})).max_num_seqs
+        pick = Lease(self.registry.store, f"rolepick:{LLM_POOL}", iid, ttl_s=10)
+        while not pick.hold():                   # replicas starting together pick one at a time
+            time.sleep(0.05)
+        try:
+            role = first_role(self.registry, split)
+            self.agent = self.registry.register(InstanceInfo(iid, role, pool=LLM_POOL, capacity=capacity),
+                                                Load(), state=RoleState.SWITCHING, target=role)
+        finally:
+            pick.release()
+        super().__init__(model, role.value, engine, transfer, threads, cache_dir, None, prefault_object_store)
+        self.instance_id = iid
+        self.presence = _Publisher(self.agent)
+        self.machine = RoleMachine(role)
+        self.grace_s, self.drain_timeout_s, self.interval_s = grace_s, drain_timeout_s, interval_s
+        self.inflight = {Role.PREFILL: 0, Role.DECODE: 0}
+        self.moves: dict[str, tuple] = {}        # rid -> (ticket, target id) of a sequence moved out
+        self.counts = Counter()                  # kv_imports, recomputed, moved_out, forwarded
+        self.switches: list[dict] = []
+        self._switch_thread: threading.Thread | None = None
+        self._metric = _switch_histogram()
+        self.agent.set_role(role, RoleState.ACTIVE)
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name=f"roles-{iid}", daemon=True).start()
+
+    # ---- serving ---------------------------------------------------------------------------------
+    def _takes(self, role: Role) -> bool:
+        return self.machine.role is role and self.machine.state is RoleState.ACTIVE
+
+    async def prefill(self, rid, token_ids, sampling, images=None, pixels=None) -> dict:
+        if self.engine.config.role != "prefill":
+            raise RuntimeError(f"instance {self.instance_id} serves {self.machine.role.value} now, not prefill")
+        self.inflight[Role.PREFILL] += 1
+        try:
+            return await super().prefill(rid, token_ids, sampling, images, pixels)
+        finally:
+            self.inflight[Role.PREFILL] -= 1
+
+    async def decode(self, rid: str, ticket):
+        if not self._takes(Role.DECODE):
+            to = self._decode_targets()
+            if to:                                # routed here just before a switch: forward, unimported
+                self.counts["forwarded"] += 1
+                yield {"moved": ticket, "to": to[0].id, "from": None}
+                return
+            if self.engine.config.role == "prefill":
+                yield {"transfer_failed": f"no active decode instance (instance {self.instance_id} prefills)"}
+                return
+        if self._reaper is None:                  # frees moved-out KV nobody acks (orchestrator gone)
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        self.inflight[Role.DECODE] += 1
+        try:
+            rx = self.receiver_cls(ticket)
+            while not rx.poll().done:
+                await asyncio.sleep(0.0005)
+            if rx.state.value != "success":
+                yield {"transfer_failed": rx.error or "transfer failed"}
+                return
+            payload, imported = rx.payload(), False
+            async for out in self.loop.stream(rid, lambda e: self._import(e, payload)):
+                if not imported:                  # the engine has copied the KV: the source may free it
+                    imported = True
+                    self.imports += 1
+                    yield {"imported": True, "decode_instance": self.instance_id}
+                if out.finish_reason == "moved":
+                    ticket, to = self.moves.pop(rid)
+                    yield {"moved": ticket, "to": to, "from": self.instance_id}
+                    return
+                yield {"tokens": out.new_token_ids, "finish_reason": out.finish_reason}
+        finally:
+            self.inflight[Role.DECODE] -= 1
+
+    def _import(self, e, payload) -> None:
+        e.import_kv(payload)
+        seq = e.seqs.get(payload.request_id)
+        # import_kv falls back to recompute (the waiting queue) when the blocks do not fit
+        self.counts["kv_imports" if seq is not None and seq in e.scheduler.running else "recomputed"] += 1
+
+    async def stats(self) -> dict:
+        out = await super().stats()
+        out.update(role=self.machine.role.value, state=self.machine.state.value, switches=list(self.switches),
+                   inflight={r.value: n for r, n in self.inflight.items()}, **self.counts)
+        return out
+
+    # ---- switching -------------------------------------------------------------------------------
+    def _decode_targets(self):
+        live = [r for r in self.registry.live(Role.DECODE) if r.routable and r.id != self.instance_id
+                and r.info.pool == LLM_POOL]
+        return sorted(live, key=lambda r: ((r.load.waiting + r.load.running) / r.info.capacity, r.id))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.agent.update_load(self._load(), flush=True)
+                want = self.agent.desired_role
+                if want is None or self._switch_thread is not None or self.machine.state is not RoleState.ACTIVE:
+                    continue
+                if want is self.machine.role or want not in _ROLES:
+                    self.agent.clear_desired_role()
+                    continue
+                self._switch_thread = threading.Thread(target=self._switch, args=(want,), daemon=True)
+                self._switch_thread.start()
+            except Exception:                     # reporting must never take the replica down
+                log.exception("role watcher of %s failed", self.instance_id)
+
+    def _publish(self) -> None:
+        m = self.machine
+        self.agent.set_role(m.role, m.state, m.target)
+
+    def _switch(self, target: Role) -> None:
+        t0, old, outcome = time.monotonic(), self.machine.role, "switched"
+        try:
+            self.machine.begin_drain(target)
+            self._publish()
+            log.info("%s: draining %s -> %s", self.instance_id, old.value, target.value)
+            drained = self._drain_prefill(target) if old is Role.PREFILL else self._drain_decode(target)
+            if not drained:
+                self.machine.cancel_drain()
+                outcome = "cancelled"
+                return
+            self.machine.begin_switch()
+            self._publish()
+            self.loop.call(lambda e: setattr(e.config, "role", target.value)).result(timeout=30)
+            self.role = target.value
+            self.machine.finish_switch()
+        except Exception as e:
+            outcome = f"failed: {e}"
+            log.exception("%s: switch %s -> %s failed; staying %s", self.instance_id, old.value, target.value,
+                          old.value)
+            self._restore(old)
+        finally:
+            took = time.monotonic() - t0
+            self._publish()
+            self.switches.append({"from": old.value, "to": target.value, "outcome": outcome, "seconds": took})
+            if self._metric is not None:
+                self._metric.observe(took, tags={"outcome": outcome.split(":")[0]})
+            log.info("%s: switch %s -> %s %s in %.3fs", self.instance_id, old.value, target.value, outcome, took)
+            self.agent.clear_desired_role()
+            self._switch_thread = None
+
+    def _restore(self, old: Role) -> None:
+        try:
+            self.loop.call(lambda e: setattr(e.config, "role", old.value)).result(timeout=30)
+        finally:
+            self.role = old.value
+            self.machine = RoleMachine(old)
+
+    def _cancelled(self, target: Role) -> bool:
+        return self.agent.desired_role is not target
+
+    def _drain_prefill(self, target: Role) -> bool:
+        """In-flight prefills finish and their KV senders end (acked or reaped): then nothing is held."""
+        start = time.monotonic()
+        while True:
+            if self._cancelled(target):
+                return False
+            idle = (not self.inflight[Role.PREFILL] and not self.senders
+                    and self.loop.call(lambda e: not e.seqs and not e.handovers).result(timeout=30))
+            if idle and time.monotonic() - start >= self.grace_s:
+                return True
+            if time.monotonic() - start > self.drain_timeout_s:
+                raise TimeoutError(f"prefills still in flight after {self.drain_timeout_s:g}s")
+            time.sleep(0.02)
+
+    def _drain_decode(self, target: Role) -> bool:
+        """Move every running sequence out by KV export until no decode is in flight here."""
+        start = time.monotonic()
+        while True:
+            if self._cancelled(target):
+                return False
+            if self.loop.call(lambda e: bool(e.seqs)).result(timeout=30):
+                targets = self._decode_targets()
+                if not targets:
+                    raise RuntimeError("no other active decode instance to move the running sequences to")
+                self.loop.call(lambda e: self._move_all(e, targets)).result(timeout=60)
+            elif not self.inflight[Role.DECODE] and time.monotonic() - start >= self.grace_s:
+                return True
+            if time.monotonic() - start > self.drain_timeout_s:
+                raise TimeoutError(f"decodes still in flight after {self.drain_timeout_s:g}s")
+            time.sleep(0.02)
+
+    def _move_all(self, e, targets) -> int:
+        """On the engine thread, between steps: export each sequence, free it here, end its stream
+        with the ticket. Spread over the targets by load (each move adds 1/capacity)."""
+        score = {t.id: (t.load.waiting + t.load.running) / t.info.capacity for t in targets}
+        cap = {t.id: t.info.capacity for t in targets}
+        for rid, seq in list(e.seqs.items()):
+            sender = self.sender_cls(e.export_kv(seq), timeout_s=self.transfer_timeout_s)
+            e.abort(rid)                          # the payload is a copy: the blocks are free now
+            to = min(score, key=lambda i: (score[i], i))
+            score[to] += 1 / cap[to]
+            self.senders[rid] = sender            # freed by the orchestrator's release once imported
+            self.moves[rid] = (sender.start(), to)
+            self.counts["moved_out"] += 1
+            # ends this sequence's stream here; decode() turns it into {"moved": ...}
+            self.loop._push(rid, StepOutput(rid, [], True, "moved"))
+        return len(self.moves)
+
+
+def _switch_histogram():
+    try:
+        from ray.util.metrics import Histogram
+        return Histogram("trisect_role_switch_seconds", "duration of a live role switch (drain + flip)",
+                         boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("outcome",))
+    except Exception:                             # outside Ray (in-process tests)
+        return None
