@@ -121,6 +121,20 @@ def _counts(items: list[str], flag: str) -> dict[str, int]:
     return out
 
 
+def refusal(e, name: str, namespace: str, retries: int) -> str:
+    """What the API server said, for a person: status, reason, message and one line per cause."""
+    try:
+        body = json.loads(e.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    lines = [f"error: the API server refused the patch to rayservice/{name} in {namespace}: "
+             f"{e.status} {body.get('reason') or e.reason}: {body.get('message') or e.body}"]
+    lines += [f"  {c.get('field', '')}: {c.get('message', '')}" for c in body.get("details", {}).get("causes", [])]
+    if e.status == 409:
+        lines.append(f"  still conflicting after {retries} retries: something keeps writing this RayService")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.k8s", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,22 +143,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--pods", nargs="*", default=[], metavar="GROUP=N")
     p.add_argument("--replicas", nargs="*", default=[], metavar="STAGE=N")
+    p.add_argument("--retries", type=int, default=5, help="re-read and re-send on 409 Conflict, at most this often")
     p.add_argument("--dry-run", action="store_true", help="print the JSON Patch, send nothing")
     args = ap.parse_args(argv)
     try:
         split = Split(_counts(args.pods, "--pods"), _counts(args.replicas, "--replicas"))
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(f"error: {e}")
     from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    patch = apply_split(client.CustomObjectsApi(), args.name, args.namespace, split, dry_run=args.dry_run)
+    try:
+        patch = apply_split(client.CustomObjectsApi(), args.name, args.namespace, split,
+                            dry_run=args.dry_run, retries=args.retries)
+    except ValueError as e:          # the split does not fit this RayService: nothing was sent
+        raise SystemExit(f"error: rayservice/{args.name} in {args.namespace}: {e}")
+    except ApiException as e:
+        print(refusal(e, args.name, args.namespace, args.retries), file=sys.stderr)
+        return 1
     if not args.dry_run:
         print(f"patched rayservice/{args.name} in {args.namespace}: {len(patch) - 1} changes")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,246 @@
+"""cluster/k8s.py against a loopback fake of the Kubernetes API server (kube_fake.py).
+
+The real kubernetes client (in-process, and the CLI as a subprocess through a kubeconfig) talks
+HTTP to a fake that applies RFC 6902 patches, enforces resourceVersion (409) and validates every
+object it is sent against the official KubeRay CRD schema (422). The RayService is shaped as the
+chart renders it with default values (epd: encode / prefill / decode groups of 1 pod, one Serve
+replica per stage). Expected objects are written out by hand here, never built by cluster/k8s.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from cluster.k8s import GROUP, JSON_PATCH, PLURAL, VERSION, Split, apply_split
+from tests.integration.kube_fake import FakeKube, apply_patch
+
+REPO = Path(__file__).resolve().parents[2]
+NAME, NS = "trisect", "trisect"
+
+SERVE = """\
+applications:
+  - name: trisect
+    import_path: services.app:app_builder
+    route_prefix: /
+    args:
+      mode: epd
+      model: tiny-llava
+      redis_url: redis://:${TRISECT_REDIS_PASSWORD}@trisect-redis:6379/0
+      stages:
+        ingress: {replicas: 1, num_gpus: 0}
+        encode: {replicas: 1, num_gpus: 0}
+        prefill: {replicas: 1, num_gpus: 0}
+        decode: {replicas: 1, num_gpus: 0}
+    deployments:
+      - name: Ingress
+        num_replicas: 1
+        ray_actor_options: {num_cpus: 0, resources: {ingress_pool: 1}}
+      - {name: EncodeServer, num_replicas: 1}
+      - {name: PrefillServer, num_replicas: 1}
+      - {name: DecodeServer, num_replicas: 1}
+"""
+
+
+def group(name: str) -> dict:
+    return {"groupName": name, "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
+            "rayStartParams": {"object-store-memory": "2147483648", "resources": f'"{{\\"{name}_pool\\":1}}"'},
+            "template": {"metadata": {"labels": {"trisect.io/pool": name}},
+                         "spec": {"containers": [{"name": "ray-worker", "image": "trisect:0.1.0",
+                                                  "resources": {"limits": {"cpu": "2", "memory": "8Gi"}}}]}}}
+
+
+def rayservice() -> dict:
+    head = {"rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+            "template": {"spec": {"containers": [{"name": "ray-head", "image": "trisect:0.1.0"}]}}}
+    return {"apiVersion": "ray.io/v1", "kind": "RayService",
+            "metadata": {"name": NAME, "namespace": NS, "labels": {"app.kubernetes.io/name": "trisect"}},
+            "spec": {"serveConfigV2": SERVE,
+                     "rayClusterConfig": {"rayVersion": "2.60.0", "headGroupSpec": head,
+                                          "workerGroupSpecs": [group("encode"), group("prefill"), group("decode")]}}}
+
+
+@pytest.fixture
+def kube():
+    fake = FakeKube()
+    fake.seed(rayservice())
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def api(kube):
+    conf = client.Configuration(host=kube.url)
+    with client.ApiClient(conf) as c:
+        yield client.CustomObjectsApi(c)
+
+
+def groups(obj: dict) -> dict:
+    return {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+
+def deployments(obj: dict) -> dict:
+    (app,) = yaml.safe_load(obj["spec"]["serveConfigV2"])["applications"]
+    return {d["name"]: d for d in app["deployments"]}
+
+
+def expect_split(before: dict) -> dict:
+    """`before` with pods decode=3, encode=0 and Serve replicas decode=3, prefill=2, by hand."""
+    after = copy.deepcopy(before)
+    g = groups(after)
+    g["decode"].update(replicas=3, maxReplicas=3)      # widened: KubeRay clamps replicas to [min, max]
+    g["encode"].update(replicas=0, minReplicas=0)
+    return after
+
+
+SPLIT = dict(pods={"decode": 3, "encode": 0}, replicas={"decode": 3, "prefill": 2})
+
+
+def check_split_applied(before: dict, after: dict):
+    want = expect_split(before)
+    assert after["spec"]["rayClusterConfig"] == want["spec"]["rayClusterConfig"]
+    d = deployments(after)
+    assert d["DecodeServer"] == {"name": "DecodeServer", "num_replicas": 3}
+    assert d["PrefillServer"] == {"name": "PrefillServer", "num_replicas": 2}
+    assert deployments(before)["Ingress"] == d["Ingress"] and d["EncodeServer"]["num_replicas"] == 1
+    # the app's args are untouched: Serve applies deployment overrides in place, args would rebuild the app
+    (a0,), (a1,) = (yaml.safe_load(o["spec"]["serveConfigV2"])["applications"] for o in (before, after))
+    assert a1["args"] == a0["args"] and a1["import_path"] == a0["import_path"]
+    assert after["metadata"]["labels"] == before["metadata"]["labels"]
+
+
+def test_split_is_one_json_patch_that_kuberay_accepts(kube, api):
+    before = kube.get(NS, NAME)
+    sent = apply_split(api, NAME, NS, Split(**SPLIT))
+    after = kube.get(NS, NAME)
+    check_split_applied(before, after)
+    assert [(m, ct) for m, _, ct, _ in kube.requests] == [("GET", ""), ("PATCH", JSON_PATCH)]
+    assert kube.requests[1][1] == f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}/{NAME}"
+    assert kube.requests[1][3] == sent
+    assert sent[0] == {"op": "replace", "path": "/metadata/resourceVersion",
+                       "value": before["metadata"]["resourceVersion"]}
+    assert int(after["metadata"]["resourceVersion"]) > int(before["metadata"]["resourceVersion"])
+    assert after["metadata"]["generation"] == before["metadata"]["generation"] + 1
+
+
+def test_conflict_rereads_and_keeps_the_other_write(kube, api):
+    """Someone writes the RayService between our read and our patch: 409, re-read, patch again."""
+    writes = []
+
+    def concurrent_writer(fake, key):
+        if not writes:                      # once: the first PATCH finds the object changed under it
+            obj = copy.deepcopy(fake.objects[key])
+            obj["metadata"].setdefault("annotations", {})["example.com/touched-by"] = "another-client"
+            groups(obj)["prefill"]["maxReplicas"] = 6
+            writes.append(fake.write(key, obj)["metadata"]["resourceVersion"])
+
+    kube.before_patch = concurrent_writer
+    before = kube.get(NS, NAME)
+    apply_split(api, NAME, NS, Split(**SPLIT))
+    methods = [m for m, *_ in kube.requests]
+    assert methods == ["GET", "PATCH", "GET", "PATCH"]
+    stale, fresh = kube.requests[1][3][0]["value"], kube.requests[3][3][0]["value"]
+    assert stale == before["metadata"]["resourceVersion"] and fresh == writes[0]
+    after = kube.get(NS, NAME)
+    assert after["metadata"]["annotations"] == {"example.com/touched-by": "another-client"}   # not lost
+    assert groups(after)["prefill"]["maxReplicas"] == 6
+    groups(before)["prefill"]["maxReplicas"] = 6
+    check_split_applied(before, after)
+
+
+def test_endless_conflict_gives_up_after_the_retries(kube, api):
+    kube.before_patch = lambda fake, key: fake.write(key, fake.objects[key])
+    with pytest.raises(ApiException) as e:
+        apply_split(api, NAME, NS, Split(pods={"decode": 2}), retries=2)
+    assert e.value.status == 409
+    assert [m for m, *_ in kube.requests].count("PATCH") == 3
+    assert groups(kube.get(NS, NAME))["decode"]["replicas"] == 1
+
+
+@pytest.mark.parametrize("op, message", [
+    ({"op": "replace", "path": "/spec/rayClusterConfig/workerGroupSpecs/2/replicas", "value": "three"},
+     "spec/rayClusterConfig/workerGroupSpecs/2/replicas: 'three' is not of type 'integer'"),
+    ({"op": "add", "path": "/spec/rayClusterConfig/workerGroupSpecs/2/replica", "value": 3},
+     "Additional properties are not allowed ('replica' was unexpected)"),
+    ({"op": "remove", "path": "/spec/rayClusterConfig/workerGroupSpecs/2/groupName"},
+     "'groupName' is a required property"),
+])
+def test_fake_rejects_objects_the_crd_does_not_allow(kube, api, op, message):
+    before = kube.get(NS, NAME)
+    rv = {"op": "replace", "path": "/metadata/resourceVersion", "value": before["metadata"]["resourceVersion"]}
+    with pytest.raises(ApiException) as e:
+        api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, NAME, [rv, op], _content_type=JSON_PATCH)
+    assert e.value.status == 422 and message in json.loads(e.value.body)["message"]
+    assert kube.get(NS, NAME) == before
+
+
+def cli(kube, tmp_path, *args) -> subprocess.CompletedProcess:
+    """`python -m cluster.k8s` with a kubeconfig pointing at the fake (no in-cluster config here)."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
+        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env["KUBECONFIG"] = str(kubeconfig)
+    return subprocess.run([sys.executable, "-m", "cluster.k8s", "apply-split", NAME, "-n", NS, *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+SPLIT_ARGS = ["--pods", "decode=3", "encode=0", "--replicas", "decode=3", "prefill=2"]
+
+
+def test_cli_applies_a_split(kube, tmp_path):
+    before = kube.get(NS, NAME)
+    out = cli(kube, tmp_path, *SPLIT_ARGS)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"patched rayservice/{NAME} in {NS}: 5 changes"   # 2 replicas, maxReplicas, minReplicas, serveConfigV2
+    check_split_applied(before, kube.get(NS, NAME))
+
+
+def test_cli_dry_run_prints_the_patch_and_sends_nothing(kube, tmp_path):
+    before = kube.get(NS, NAME)
+    out = cli(kube, tmp_path, *SPLIT_ARGS, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    patch = json.loads(out.stdout)
+    assert [m for m, *_ in kube.requests] == ["GET"]           # read, nothing written
+    assert kube.get(NS, NAME) == before
+    check_split_applied(before, apply_patch(before, patch))     # the printed patch is the one that works
+
+
+def test_cli_reports_an_object_the_server_rejects(kube, tmp_path):
+    """3e9 pods passes the CLI's own checks, but KubeRay's replicas is an int32: the server says 422."""
+    before = kube.get(NS, NAME)
+    out = cli(kube, tmp_path, "--pods", "decode=3000000000")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr
+    first, *causes = out.stderr.strip().splitlines()
+    assert first.startswith(f"error: the API server refused the patch to rayservice/{NAME} in {NS}: 422 Invalid: ")
+    assert causes == ["  spec/rayClusterConfig/workerGroupSpecs/2/replicas: 3000000000 is out of range for int32",
+                      "  spec/rayClusterConfig/workerGroupSpecs/2/maxReplicas: 3000000000 is out of range for int32"]
+    assert kube.get(NS, NAME) == before
+
+
+def test_cli_refuses_a_split_that_does_not_fit_before_sending(kube, tmp_path):
+    """A stage under Serve autoscaling, or a group the RayService lacks: a message, no PATCH."""
+    out = cli(kube, tmp_path, "--pods", "llm=2")
+    assert out.returncode == 1 and "no worker group ['llm'] in this RayService" in out.stderr
+    key = ("ray.io/v1", NS, PLURAL, NAME)
+    obj = kube.get(NS, NAME)
+    obj["spec"]["serveConfigV2"] = SERVE.replace(
+        "{name: DecodeServer, num_replicas: 1}",
+        "{name: DecodeServer, autoscaling_config: {min_replicas: 1, max_replicas: 4}}")
+    kube.write(key, obj)
+    out = cli(kube, tmp_path, "--replicas", "decode=4")
+    assert out.returncode == 1 and "stage 'decode' autoscales in this RayService" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "PATCH" not in [m for m, *_ in kube.requests]
