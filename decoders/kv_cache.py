@@ -97,7 +97,8 @@ class DecodeStaging:
     Unused tail positions hold stale but finite values; the step's mask hides them."""
 
     def __init__(self):
-        self.rows: tuple[int, ...] = ()          # id() of each row's Sequence, in batch order
+        self.rows: tuple[int, ...] = ()          # serial of each row's Sequence, in batch order (not id():
+                                                 # a new sequence can reuse a finished one's address)
         self.lens: list[int] = []                # tokens each row holds after the last step
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []

@@ -133,7 +133,7 @@ class ModelRunner:
         """Decode group: append to the staging buffers if the batch is the one they hold, else
         gather the context (read slots) and rebuild them."""
         st, s = self.cache.staging, self.shape
-        rows = tuple(id(seq) for seq in seqs)
+        rows = tuple(seq.serial for seq in seqs)
         steady = (rows == st.rows and plan.kv_len <= st.capacity
                   and all(seq.num_computed_tokens == n for seq, n in zip(seqs, st.lens)))
         if steady:

@@ -13,11 +13,16 @@ sampled only when that step reaches the end of `token_ids`.
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from decoders.sampling import SamplingParams, make_generator
+
+
+# never reused, unlike id(): a sequence allocated where a finished one lived must not pass for it
+_SERIALS = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -45,6 +50,7 @@ class Sequence:
     image_embeds: torch.Tensor | None = None             # images' embeds concatenated in placeholder order
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks, memoised
     num_committed_blocks: int = 0                         # leading blocks already registered for reuse
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # unique in the process (decode staging)
 
     def __post_init__(self):
         if not self.token_ids:
