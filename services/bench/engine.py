@@ -5,6 +5,11 @@ size asked, repeated `--repeats` times with the contenders interleaved; medians 
 batching on paged KV), HF `generate()` called per request one after another, and HF `generate()`
 on the whole batch at once. Prints output tok/s and the ratios; `--json FILE` writes them, and the
 trisect tokens are checked against the sequential HF tokens so a fast wrong engine can't win.
+
+The HF contenders run on their own copy of the checkpoint (`load_baseline`): building an Engine
+swaps the Linear layers of the model it is given for SkinnyLinear in place, so `generate()` on that
+same object would time — and check — trisect's code (HF batched decode at 16–48 rows took
+SkinnyLinear's path), not HF's.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from decoders.engine import Engine
 from decoders.host_memory import retain_freed_memory
 from decoders.model import load_model
 from decoders.sampling import SamplingParams
+from decoders.skinny_linear import SkinnyLinear
 
 
 def make_prompts(vocab_size: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -44,20 +50,27 @@ def run_trisect(loaded, prompts, new_tokens: int) -> tuple[float, list[list[int]
     return time.perf_counter() - start, [out[str(i)] for i in range(len(prompts))]
 
 
+def load_baseline(loaded) -> torch.nn.Module:
+    """The same checkpoint loaded again for HF's `generate()`, never touched by an engine."""
+    model = load_model(str(loaded.path), dtype=next(loaded.model.parameters()).dtype).model
+    assert not any(isinstance(m, SkinnyLinear) for m in model.modules())
+    return model
+
+
 @torch.inference_mode()
-def run_hf(loaded, prompts, new_tokens: int, batched: bool) -> tuple[float, list[list[int]]]:
+def run_hf(model, prompts, new_tokens: int, batched: bool) -> tuple[float, list[list[int]]]:
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     groups = [prompts] if batched else [[p] for p in prompts]
     tokens = []
     start = time.perf_counter()
     for group in tqdm(groups, desc="  hf " + ("batched" if batched else "sequential"), leave=False):
         ids = torch.tensor(group)
-        seqs = loaded.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
         tokens.extend(seqs[:, ids.shape[1]:].tolist())
     return time.perf_counter() - start, tokens
 
 
-def bench(loaded, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench(loaded, baseline, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     prompts = make_prompts(loaded.model.config.get_text_config().vocab_size, batch, prompt_len)
     run_trisect(loaded, prompts[:1], 2)                    # warm-up: first-call allocations
     total = batch * new_tokens
@@ -66,10 +79,10 @@ def bench(loaded, batch: int, prompt_len: int, new_tokens: int, repeats: int) ->
     for _ in range(repeats):                               # interleaved: noise hits all three alike
         t, ours = run_trisect(loaded, prompts, new_tokens)
         times["trisect"].append(t)
-        t, ref = run_hf(loaded, prompts, new_tokens, batched=False)
+        t, ref = run_hf(baseline, prompts, new_tokens, batched=False)
         times["seq"].append(t)
         identical &= ours == ref
-        times["batched"].append(run_hf(loaded, prompts, new_tokens, batched=True)[0])
+        times["batched"].append(run_hf(baseline, prompts, new_tokens, batched=True)[0])
     t_ours, t_seq, t_bat = (statistics.median(times[k]) for k in ("trisect", "seq", "batched"))
     r = {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
          "trisect_tok_s": total / t_ours, "hf_sequential_tok_s": total / t_seq, "hf_batched_tok_s": total / t_bat,
@@ -93,11 +106,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     retain_freed_memory()  # the engine does this anyway; up front, every contender runs under it
     loaded = load_model(args.model)
+    baseline = load_baseline(loaded)
     print(f"model {args.model}  threads {torch.get_num_threads()}  prompt {args.prompt_tokens}  new {args.new_tokens}")
     print(f"{'batch':>5} {'trisect tok/s':>14} {'hf seq tok/s':>13} {'hf batch tok/s':>15} {'x seq':>7} {'x batch':>8} exact")
     results = []
     for b in (int(x) for x in args.batches.split(",")):
-        r = bench(loaded, b, args.prompt_tokens, args.new_tokens, args.repeats)
+        r = bench(loaded, baseline, b, args.prompt_tokens, args.new_tokens, args.repeats)
         results.append(r)
         print(f"{b:>5} {r['trisect_tok_s']:>14.1f} {r['hf_sequential_tok_s']:>13.1f} {r['hf_batched_tok_s']:>15.1f} "
               f"{r['vs_sequential']:>7.2f} {r['vs_batched']:>8.2f} {r['tokens_identical_to_hf']}", flush=True)
