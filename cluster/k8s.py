@@ -1,13 +1,20 @@
 """Apply a split — pods per worker group, Serve replicas per stage — to a running RayService.
 
-Life of one apply: read the RayService (ray.io/v1) with the kubernetes client, build a JSON Patch
-that sets `workerGroupSpecs[i].replicas` (widening min/max when the new count lies outside them, or
-KubeRay would clamp it back) and rewrites `serveConfigV2` with the stages' `num_replicas` in the
-application's `deployments` overrides (Serve applies those in place; changing the app's `args`
-would rebuild the application and restart its ingress). The patch starts by replacing
-`metadata.resourceVersion` with the version it was built from: if anyone wrote the object since,
-the API server answers 409 Conflict, and the apply re-reads and rebuilds the patch (bounded
-retries). A dry run prints the patch and sends nothing.
+Life of one apply: read the RayService (ray.io/v1) with the kubernetes client and build a JSON
+Patch that sets `workerGroupSpecs[i].replicas` (widening min/max when the new count lies outside
+them, or KubeRay would clamp it back) and rewrites `serveConfigV2` with the stages' `num_replicas`
+in the application's `deployments` overrides (Serve applies those in place; changing the app's
+`args` would rebuild the application and restart its ingress). Then the same worker group ops go
+to the RayCluster(s) the RayService runs (`status.activeServiceStatus.rayClusterName`, and the
+pending one during an upgrade): KubeRay's RayService controller hashes the cluster spec *without*
+replicas / minReplicas / maxReplicas and leaves a running RayCluster alone when only those differ
+(they are the autoscaler's to move), so the RayService patch alone records the counts for the next
+cluster but starts no pod; the RayCluster patch is what starts or stops them. Serve replica counts
+reach the running cluster through serveConfigV2 (KubeRay re-sends a changed config to Serve).
+
+Every patch starts by replacing `metadata.resourceVersion` with the version it was built from: if
+anyone wrote the object since, the API server answers 409 Conflict, and the apply re-reads and
+rebuilds that patch (bounded retries). A dry run reads, prints the patches and sends nothing.
 
 `patch_namespaced_custom_object` must be given `_content_type="application/json-patch+json"`:
 its default is merge-patch, which would take the list of operations for the object itself.
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 import yaml
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
+CLUSTERS = "rayclusters"
 JSON_PATCH = "application/json-patch+json"
 IMPORT_PATH = "services.app:app_builder"
 DEPLOYMENT_OF = {"ingress": "Ingress", "encode": "EncodeServer", "prefill": "PrefillServer",
@@ -48,26 +56,47 @@ class Split:
             raise ValueError("an empty split changes nothing")
 
 
-def split_patch(obj: dict, split: Split) -> list[dict]:
-    """The JSON Patch that applies `split` to the RayService `obj` (as read, with resourceVersion)."""
-    ops = [{"op": "replace", "path": "/metadata/resourceVersion", "value": obj["metadata"]["resourceVersion"]}]
-    groups = obj["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])
+def _group_ops(groups: list[dict], pods: dict[str, int], base: str) -> list[dict]:
     index = {g["groupName"]: i for i, g in enumerate(groups)}
-    unknown = set(split.pods) - set(index)
+    unknown = set(pods) - set(index)
     if unknown:
         raise ValueError(f"no worker group {sorted(unknown)} in this RayService; it has {list(index)}")
-    for name, n in split.pods.items():
+    ops = []
+    for name, n in pods.items():
         i, g = index[name], groups[index[name]]
-        base = f"/spec/rayClusterConfig/workerGroupSpecs/{i}"
-        ops.append({"op": "replace", "path": f"{base}/replicas", "value": n})
+        ops.append({"op": "replace", "path": f"{base}/{i}/replicas", "value": n})
         if n < g.get("minReplicas", 0):
-            ops.append({"op": "replace", "path": f"{base}/minReplicas", "value": n})
+            ops.append({"op": "replace", "path": f"{base}/{i}/minReplicas", "value": n})
         if n > g.get("maxReplicas", n):
-            ops.append({"op": "replace", "path": f"{base}/maxReplicas", "value": n})
+            ops.append({"op": "replace", "path": f"{base}/{i}/maxReplicas", "value": n})
+    return ops
+
+
+def _version(obj: dict) -> dict:
+    return {"op": "replace", "path": "/metadata/resourceVersion", "value": obj["metadata"]["resourceVersion"]}
+
+
+def split_patch(obj: dict, split: Split) -> list[dict]:
+    """The JSON Patch that applies `split` to the RayService `obj` (as read, with resourceVersion)."""
+    groups = obj["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])
+    ops = [_version(obj)] + _group_ops(groups, split.pods, "/spec/rayClusterConfig/workerGroupSpecs")
     if split.replicas:
         ops.append({"op": "replace", "path": "/spec/serveConfigV2",
                     "value": _serve_config(obj["spec"].get("serveConfigV2", ""), split.replicas)})
     return ops
+
+
+def cluster_patch(cluster: dict, split: Split) -> list[dict]:
+    """The JSON Patch that sets the pods of `split` on a RayCluster `cluster` (as read)."""
+    return [_version(cluster)] + _group_ops(cluster["spec"].get("workerGroupSpecs", []), split.pods,
+                                           "/spec/workerGroupSpecs")
+
+
+def running_clusters(service: dict) -> list[str]:
+    """The RayClusters a RayService runs now: the active one, and the pending one of an upgrade."""
+    st = service.get("status") or {}
+    names = [(st.get(k) or {}).get("rayClusterName") for k in ("activeServiceStatus", "pendingServiceStatus")]
+    return [n for n in names if n]
 
 
 def _serve_config(text: str, replicas: dict[str, int]) -> str:
@@ -89,26 +118,48 @@ def _serve_config(text: str, replicas: dict[str, int]) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def apply_split(api, name: str, namespace: str, split: Split, dry_run: bool = False,
-                retries: int = 5, out=sys.stdout) -> list[dict]:
-    """Patch RayService `name`; `api` is a kubernetes.client.CustomObjectsApi. Returns the patch sent
-    (or that would be sent). A 409 Conflict re-reads the object and retries, at most `retries` times."""
+def _patch(api, plural: str, name: str, namespace: str, build, dry_run: bool, retries: int):
+    """Read, build, send; on 409 re-read and rebuild, at most `retries` times. Returns (object read, patch)."""
     from kubernetes.client.exceptions import ApiException
 
     for attempt in range(retries + 1):
-        obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        patch = split_patch(obj, split)
+        obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        patch = build(obj)
         if dry_run:
-            print(json.dumps(patch, indent=2), file=out)
-            return patch
+            return obj, patch
         try:
-            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch,
+            api.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, patch,
                                                _content_type=JSON_PATCH)
-            return patch
+            return obj, patch
         except ApiException as e:
             if e.status != 409 or attempt == retries:
                 raise
     raise AssertionError("unreachable")
+
+
+def apply_split(api, name: str, namespace: str, split: Split, dry_run: bool = False,
+                retries: int = 5, out=sys.stdout) -> dict[str, list[dict]]:
+    """Patch RayService `name` and, for pods, the RayClusters it runs; `api` is a
+    kubernetes.client.CustomObjectsApi. Returns {"rayservices/NAME": patch, "rayclusters/C": patch}
+    as sent (or, in a dry run, printed as one JSON object and not sent)."""
+    service, patch = _patch(api, PLURAL, name, namespace, lambda o: split_patch(o, split), dry_run, retries)
+    sent = {f"{PLURAL}/{name}": patch}
+    if split.pods:
+        clusters = running_clusters(service)
+        if not clusters:            # not running yet: KubeRay will build its cluster from the patched spec
+            print(f"note: rayservice/{name} runs no RayCluster yet (status.activeServiceStatus is empty); "
+                  "its pod counts apply when KubeRay creates one", file=sys.stderr)
+        from kubernetes.client.exceptions import ApiException
+        for cluster in clusters:
+            try:
+                _, sent[f"{CLUSTERS}/{cluster}"] = _patch(api, CLUSTERS, cluster, namespace,
+                                                          lambda o: cluster_patch(o, split), dry_run, retries)
+            except ApiException as e:
+                e.applied = list(sent)          # what this apply had already changed when it failed
+                raise
+    if dry_run:
+        print(json.dumps(sent, indent=2), file=out)
+    return sent
 
 
 def _counts(items: list[str], flag: str) -> dict[str, int]:
@@ -127,11 +178,13 @@ def refusal(e, name: str, namespace: str, retries: int) -> str:
         body = json.loads(e.body or "{}")
     except (TypeError, ValueError):
         body = {}
-    lines = [f"error: the API server refused the patch to rayservice/{name} in {namespace}: "
+    lines = [f"error: the API server refused a patch for rayservice/{name} in {namespace}: "
              f"{e.status} {body.get('reason') or e.reason}: {body.get('message') or e.body}"]
     lines += [f"  {c.get('field', '')}: {c.get('message', '')}" for c in body.get("details", {}).get("causes", [])]
+    if getattr(e, "applied", None):
+        lines.append(f"  already applied (not rolled back): {', '.join(e.applied)}")
     if e.status == 409:
-        lines.append(f"  still conflicting after {retries} retries: something keeps writing this RayService")
+        lines.append(f"  still conflicting after {retries} retries: something keeps writing the object")
     return "\n".join(lines)
 
 
@@ -165,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(refusal(e, args.name, args.namespace, args.retries), file=sys.stderr)
         return 1
     if not args.dry_run:
-        print(f"patched rayservice/{args.name} in {args.namespace}: {len(patch) - 1} changes")
+        for what, ops in patch.items():
+            print(f"patched {what} in {args.namespace}: {len(ops) - 1} changes")
     return 0
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ The real kubernetes client (in-process, and the CLI as a subprocess through a ku
 HTTP to a fake that applies RFC 6902 patches, enforces resourceVersion (409) and validates every
 object it is sent against the official KubeRay CRD schema (422). The RayService is shaped as the
 chart renders it with default values (epd: encode / prefill / decode groups of 1 pod, one Serve
-replica per stage). Expected objects are written out by hand here, never built by cluster/k8s.py.
+replica per stage), running as the RayCluster KubeRay made from it (status.activeServiceStatus).
+KubeRay's RayService controller leaves a running RayCluster alone when only replicas/min/max differ,
+so pods must be set on the RayCluster itself; the tests check both objects. Expected objects are
+written out by hand here, never built by cluster/k8s.py.
 """
 from __future__ import annotations
 
@@ -20,11 +23,11 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cluster.k8s import GROUP, JSON_PATCH, PLURAL, VERSION, Split, apply_split
+from cluster.k8s import CLUSTERS, GROUP, JSON_PATCH, PLURAL, VERSION, Split, apply_split
 from tests.integration.kube_fake import FakeKube, apply_patch
 
 REPO = Path(__file__).resolve().parents[2]
-NAME, NS = "trisect", "trisect"
+NAME, NS, CLUSTER = "trisect", "trisect", "trisect-x7k2p"
 
 SERVE = """\
 applications:
@@ -68,12 +71,27 @@ def rayservice() -> dict:
                                           "workerGroupSpecs": [group("encode"), group("prefill"), group("decode")]}}}
 
 
+def raycluster(service: dict) -> dict:
+    """The RayCluster KubeRay builds for `service`: its rayClusterConfig, its labels plus KubeRay's."""
+    meta = service["metadata"]
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": CLUSTER, "namespace": NS,
+                         "labels": {**meta["labels"], "ray.io/originated-from-cr-name": NAME}},
+            "spec": copy.deepcopy(service["spec"]["rayClusterConfig"])}
+
+
 @pytest.fixture
 def kube():
     fake = FakeKube()
-    fake.seed(rayservice())
+    service = rayservice()
+    fake.seed({**service, "status": {"activeServiceStatus": {"rayClusterName": CLUSTER}}})
+    fake.seed(raycluster(service))
     yield fake
     fake.close()
+
+
+def cluster_of(kube) -> dict:
+    return copy.deepcopy(kube.objects[("ray.io/v1", NS, CLUSTERS, CLUSTER)])
 
 
 @pytest.fixture
@@ -84,7 +102,8 @@ def api(kube):
 
 
 def groups(obj: dict) -> dict:
-    return {g["groupName"]: g for g in obj["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    spec = obj["spec"].get("rayClusterConfig", obj["spec"])          # a RayService's, or a RayCluster's
+    return {g["groupName"]: g for g in spec["workerGroupSpecs"]}
 
 
 def deployments(obj: dict) -> dict:
@@ -92,8 +111,8 @@ def deployments(obj: dict) -> dict:
     return {d["name"]: d for d in app["deployments"]}
 
 
-def expect_split(before: dict) -> dict:
-    """`before` with pods decode=3, encode=0 and Serve replicas decode=3, prefill=2, by hand."""
+def expect_pods(before: dict) -> dict:
+    """`before` (a RayService or RayCluster) with pods decode=3, encode=0, by hand."""
     after = copy.deepcopy(before)
     g = groups(after)
     g["decode"].update(replicas=3, maxReplicas=3)      # widened: KubeRay clamps replicas to [min, max]
@@ -104,8 +123,15 @@ def expect_split(before: dict) -> dict:
 SPLIT = dict(pods={"decode": 3, "encode": 0}, replicas={"decode": 3, "prefill": 2})
 
 
+def check_pods_applied(before: dict, after: dict):
+    """The RayCluster: only the worker group counts changed."""
+    assert after["spec"] == expect_pods(before)["spec"]
+    assert after["metadata"]["labels"] == before["metadata"]["labels"]
+
+
 def check_split_applied(before: dict, after: dict):
-    want = expect_split(before)
+    """The RayService: worker group counts (for the next cluster) and the Serve overrides changed."""
+    want = expect_pods(before)
     assert after["spec"]["rayClusterConfig"] == want["spec"]["rayClusterConfig"]
     d = deployments(after)
     assert d["DecodeServer"] == {"name": "DecodeServer", "num_replicas": 3}
@@ -117,18 +143,30 @@ def check_split_applied(before: dict, after: dict):
     assert after["metadata"]["labels"] == before["metadata"]["labels"]
 
 
-def test_split_is_one_json_patch_that_kuberay_accepts(kube, api):
-    before = kube.get(NS, NAME)
+def test_split_is_a_json_patch_of_the_service_and_its_cluster(kube, api):
+    before, cluster = kube.get(NS, NAME), cluster_of(kube)
     sent = apply_split(api, NAME, NS, Split(**SPLIT))
     after = kube.get(NS, NAME)
     check_split_applied(before, after)
-    assert [(m, ct) for m, _, ct, _ in kube.requests] == [("GET", ""), ("PATCH", JSON_PATCH)]
-    assert kube.requests[1][1] == f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}/{NAME}"
-    assert kube.requests[1][3] == sent
-    assert sent[0] == {"op": "replace", "path": "/metadata/resourceVersion",
-                       "value": before["metadata"]["resourceVersion"]}
+    check_pods_applied(cluster, cluster_of(kube))
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}"
+    assert [(m, p, ct) for m, p, ct, _ in kube.requests] == [
+        ("GET", f"{base}/{PLURAL}/{NAME}", ""), ("PATCH", f"{base}/{PLURAL}/{NAME}", JSON_PATCH),
+        ("GET", f"{base}/{CLUSTERS}/{CLUSTER}", ""), ("PATCH", f"{base}/{CLUSTERS}/{CLUSTER}", JSON_PATCH)]
+    assert [kube.requests[i][3] for i in (1, 3)] == list(sent.values())
+    for obj, patch in ((before, sent[f"{PLURAL}/{NAME}"]), (cluster, sent[f"{CLUSTERS}/{CLUSTER}"])):
+        assert patch[0] == {"op": "replace", "path": "/metadata/resourceVersion",
+                            "value": obj["metadata"]["resourceVersion"]}
     assert int(after["metadata"]["resourceVersion"]) > int(before["metadata"]["resourceVersion"])
     assert after["metadata"]["generation"] == before["metadata"]["generation"] + 1
+    assert after["status"] == before["status"]
+
+
+def test_serve_replicas_alone_leave_the_cluster_alone(kube, api):
+    cluster = cluster_of(kube)
+    sent = apply_split(api, NAME, NS, Split(replicas={"decode": 2}))
+    assert list(sent) == [f"{PLURAL}/{NAME}"] and cluster_of(kube) == cluster
+    assert deployments(kube.get(NS, NAME))["DecodeServer"]["num_replicas"] == 2
 
 
 def test_conflict_rereads_and_keeps_the_other_write(kube, api):
@@ -146,7 +184,7 @@ def test_conflict_rereads_and_keeps_the_other_write(kube, api):
     before = kube.get(NS, NAME)
     apply_split(api, NAME, NS, Split(**SPLIT))
     methods = [m for m, *_ in kube.requests]
-    assert methods == ["GET", "PATCH", "GET", "PATCH"]
+    assert methods == ["GET", "PATCH", "GET", "PATCH", "GET", "PATCH"]     # service twice, then its cluster
     stale, fresh = kube.requests[1][3][0]["value"], kube.requests[3][3][0]["value"]
     assert stale == before["metadata"]["resourceVersion"] and fresh == writes[0]
     after = kube.get(NS, NAME)
@@ -163,6 +201,7 @@ def test_endless_conflict_gives_up_after_the_retries(kube, api):
     assert e.value.status == 409
     assert [m for m, *_ in kube.requests].count("PATCH") == 3
     assert groups(kube.get(NS, NAME))["decode"]["replicas"] == 1
+    assert groups(cluster_of(kube))["decode"]["replicas"] == 1          # never reached
 
 
 @pytest.mark.parametrize("op, message", [
@@ -200,21 +239,26 @@ SPLIT_ARGS = ["--pods", "decode=3", "encode=0", "--replicas", "decode=3", "prefi
 
 
 def test_cli_applies_a_split(kube, tmp_path):
-    before = kube.get(NS, NAME)
+    before, cluster = kube.get(NS, NAME), cluster_of(kube)
     out = cli(kube, tmp_path, *SPLIT_ARGS)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"patched rayservice/{NAME} in {NS}: 5 changes"   # 2 replicas, maxReplicas, minReplicas, serveConfigV2
+    assert out.stdout.splitlines() == [
+        f"patched {PLURAL}/{NAME} in {NS}: 5 changes",        # 2 replicas, maxReplicas, minReplicas, serveConfigV2
+        f"patched {CLUSTERS}/{CLUSTER} in {NS}: 4 changes"]
     check_split_applied(before, kube.get(NS, NAME))
+    check_pods_applied(cluster, cluster_of(kube))
 
 
 def test_cli_dry_run_prints_the_patch_and_sends_nothing(kube, tmp_path):
-    before = kube.get(NS, NAME)
+    before, cluster = kube.get(NS, NAME), cluster_of(kube)
     out = cli(kube, tmp_path, *SPLIT_ARGS, "--dry-run")
     assert out.returncode == 0, out.stderr
-    patch = json.loads(out.stdout)
-    assert [m for m, *_ in kube.requests] == ["GET"]           # read, nothing written
-    assert kube.get(NS, NAME) == before
-    check_split_applied(before, apply_patch(before, patch))     # the printed patch is the one that works
+    patches = json.loads(out.stdout)
+    assert [m for m, *_ in kube.requests] == ["GET", "GET"]    # read both, nothing written
+    assert kube.get(NS, NAME) == before and cluster_of(kube) == cluster
+    # the printed patches are the ones that work
+    check_split_applied(before, apply_patch(before, patches[f"{PLURAL}/{NAME}"]))
+    check_pods_applied(cluster, apply_patch(cluster, patches[f"{CLUSTERS}/{CLUSTER}"]))
 
 
 def test_cli_reports_an_object_the_server_rejects(kube, tmp_path):
@@ -224,10 +268,31 @@ def test_cli_reports_an_object_the_server_rejects(kube, tmp_path):
     assert out.returncode == 1
     assert "Traceback" not in out.stderr, out.stderr
     first, *causes = out.stderr.strip().splitlines()
-    assert first.startswith(f"error: the API server refused the patch to rayservice/{NAME} in {NS}: 422 Invalid: ")
+    assert first.startswith(f"error: the API server refused a patch for rayservice/{NAME} in {NS}: 422 Invalid: ")
     assert causes == ["  spec/rayClusterConfig/workerGroupSpecs/2/replicas: 3000000000 is out of range for int32",
                       "  spec/rayClusterConfig/workerGroupSpecs/2/maxReplicas: 3000000000 is out of range for int32"]
     assert kube.get(NS, NAME) == before
+
+
+def test_cli_says_what_was_applied_when_the_cluster_patch_fails(kube, api):
+    """The RayService took the split, its RayCluster keeps conflicting: the error names what changed."""
+    from cluster.k8s import refusal
+    kube.before_patch = lambda fake, key: key[2] == CLUSTERS and fake.write(key, fake.objects[key])
+    with pytest.raises(ApiException) as e:
+        apply_split(api, NAME, NS, Split(pods={"decode": 2}), retries=1)
+    assert e.value.status == 409 and groups(kube.get(NS, NAME))["decode"]["replicas"] == 2
+    lines = refusal(e.value, NAME, NS, 1).splitlines()
+    assert f'409 Conflict: Operation cannot be fulfilled on {CLUSTERS}.ray.io "{CLUSTER}"' in lines[0]
+    assert lines[1:] == [f"  already applied (not rolled back): {PLURAL}/{NAME}",
+                         "  still conflicting after 1 retries: something keeps writing the object"]
+
+
+def test_a_service_not_running_yet_gets_the_counts_for_its_first_cluster(kube, api, capsys):
+    key = ("ray.io/v1", NS, PLURAL, NAME)
+    kube.objects[key].pop("status")
+    sent = apply_split(api, NAME, NS, Split(pods={"decode": 2}))
+    assert list(sent) == [f"{PLURAL}/{NAME}"] and groups(kube.get(NS, NAME))["decode"]["replicas"] == 2
+    assert "runs no RayCluster yet" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_split_that_does_not_fit_before_sending(kube, tmp_path):
