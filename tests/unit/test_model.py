@@ -88,7 +88,8 @@ def test_concurrent_builds_leave_one_complete_dir(tmp_path, monkeypatch):
 def test_hf_generate_varies(loaded, make_image):
     enc = _processor_inputs(loaded, [make_image(1)])
     with torch.inference_mode():
-        out = loaded.model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=None)
+        # the checkpoint's own greedy output, on the copy no engine has patched (tests/reference.py)
+        out = reference_model(loaded).generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=None)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     assert len(new) == 24 and len(set(new)) >= 4, new
 
