@@ -74,7 +74,8 @@ def test_a_forward_fault_fails_the_requests_in_flight_and_the_loop_serves_on(tin
     finally:
         loop.close()
     for tokens, error in failed:
-        assert isinstance(error, RuntimeError) and "engine failed" in str(error), error
+        # told as an engine failure, without torch's message (internals stay in the server log)
+        assert isinstance(error, RuntimeError) and "engine" in str(error) and "index_copy" not in str(error), error
         assert 1 <= len(tokens) < 400
     assert free[0] == free[1] and free[2] == 0, free
     for rid, text in after.items():
