@@ -104,6 +104,9 @@ def _serve_config(text: str, replicas: dict[str, int]) -> str:
     apps = [a for a in config.get("applications", []) if a.get("import_path") == IMPORT_PATH]
     if len(apps) != 1:
         raise ValueError(f"serveConfigV2 must hold exactly one application of {IMPORT_PATH}, found {len(apps)}")
+    if apps[0].get("args", {}).get("role_switching") and {"prefill", "decode"} & set(replicas):
+        raise ValueError("role switching is on: prefill and decode replicas are one LLMPool deployment whose "
+                         "roles live in Redis; set the llm pool's --pods and the roles with `trisect roles`")
     overrides = apps[0].setdefault("deployments", [])
     by_name = {d["name"]: d for d in overrides}
     for stage, n in replicas.items():

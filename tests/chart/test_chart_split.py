@@ -56,3 +56,13 @@ def test_an_autoscaled_stage_of_the_8gpu_example_is_refused(kube_of, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["patched rayservices/trisect in trisect: 2 changes",
                                        f"patched rayclusters/{CLUSTER} in trisect: 1 changes"]
+
+
+def test_role_switching_takes_pods_for_the_llm_pool_and_refuses_stage_replicas(kube_of, tmp_path):
+    kube = kube_of("--set", "roleSwitching.enabled=true")
+    out = cli(kube, tmp_path, "--replicas", "decode=2")
+    assert out.returncode == 1 and "role switching is on" in out.stderr and "Traceback" not in out.stderr
+    out = cli(kube, tmp_path, "--pods", "llm=2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["patched rayservices/trisect in trisect: 2 changes",
+                                       f"patched rayclusters/{CLUSTER} in trisect: 2 changes"]
