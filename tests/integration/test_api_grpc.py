@@ -17,6 +17,7 @@ from services.client import AsyncTrisectClient, TrisectClient, main
 from services.errors import ErrorCode, TrisectError
 from services.grpc_ingress import start_grpc_server
 from services.local_backend import LocalBackend
+from tests.integration.engine_hold import held
 from tests.reference import hf_generate, hf_greedy
 
 KEY = "test-key-1"
@@ -186,10 +187,23 @@ def test_cancelled_stream_frees_kv_blocks(stack, client, valid):
 
 
 def test_expired_deadline_frees_kv_blocks(stack, client, valid):
-    with pytest.raises(TrisectError) as e:
+    backend = stack["backend"]
+    # the engine is held, so the request provably cannot finish before its deadline on any machine
+    with held(backend), pytest.raises(TrisectError) as e:
         client.generate("tell me a long story", max_tokens=190, ignore_eos=True, timeout=0.4)
     assert e.value.code is ErrorCode.DEADLINE_EXCEEDED
-    wait_idle(stack["backend"])
+    wait_idle(backend)
+    # mid-stream: the deadline passes while the request holds KV blocks and the engine is held; once
+    # the engine runs again the abort its deadline queued frees them (4 s: room for the first token)
+    stream = client.stream("tell me a long story", max_tokens=190, ignore_eos=True, timeout=4)
+    next(stream)
+    with held(backend):
+        assert backend.stats().kv_blocks_used > 0
+        with pytest.raises(TrisectError) as e:
+            for _ in stream:
+                pass
+    assert e.value.code is ErrorCode.DEADLINE_EXCEEDED
+    wait_idle(backend)
     valid(client)
 
 

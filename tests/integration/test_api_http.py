@@ -19,6 +19,7 @@ from services.api_metrics import ApiMetrics
 from services.auth import ApiKeys
 from services.http_ingress import build_http_app
 from services.local_backend import LocalBackend
+from tests.integration.engine_hold import held
 from tests.reference import hf_greedy
 
 KEY = "http-key"
@@ -180,12 +181,29 @@ def test_queue_full_429_and_draining_503(stack, valid):
 
 
 def test_deadline_504_and_disconnect_free_everything(client, stack, valid):
-    with pytest.raises(openai.APIStatusError) as e:
+    backend = stack["backend"]
+    # the engine is held, so the request provably cannot finish before its deadline on any machine
+    with held(backend), pytest.raises(openai.APIStatusError) as e:
         client.chat.completions.create(model="", messages=user("long story"), max_tokens=190,
                                        extra_body={"ignore_eos": True},
                                        extra_headers={"x-trisect-timeout": "0.4"})
     assert e.value.status_code == 504
-    wait_idle(stack["backend"])
+    wait_idle(backend)
+    # mid-stream: the deadline passes while the request holds KV blocks and the engine is held; the
+    # stream ends with the error event, and the abort frees them once the engine runs (4 s: room for
+    # the first token)
+    stream = client.chat.completions.create(model="", messages=user("long story"), max_tokens=190,
+                                            stream=True, extra_body={"ignore_eos": True},
+                                            extra_headers={"x-trisect-timeout": "4"})
+    it = iter(stream)
+    next(it)
+    with held(backend):
+        assert backend.stats().kv_blocks_used > 0
+        with pytest.raises(openai.APIError) as e:
+            for _ in it:
+                pass
+    assert "deadline" in str(e.value), e.value
+    wait_idle(backend)
     stream = client.chat.completions.create(model="", messages=user("long story"), max_tokens=190,
                                             stream=True, extra_body={"ignore_eos": True})
     it = iter(stream)
