@@ -31,6 +31,7 @@ class Limits:
     max_image_aspect_ratio: int = 50      # long side / short side (resizing a strip explodes)
     max_tokens: int = 4096                # cap on a request's max_tokens
     max_in_flight: int = 256              # admitted, unfinished requests (backpressure)
+    overload_retry_after_s: int = 1       # Retry-After told to a request refused past max_in_flight
 
     def __post_init__(self):
         for name in self.__slots__:

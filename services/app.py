@@ -2,7 +2,8 @@
 
 Usable as a RayService `import_path` (`services.app:app_builder`, args = the config dict). Each
 stage becomes one deployment placed on its pool by a custom resource (`encode_pool`,
-`prefill_pool`, `decode_pool`) with its own fixed replica count or autoscaling policy; the ingress
+`prefill_pool`, `decode_pool`) with its own fixed replica count or autoscaling policy and a bounded
+queue (`queue_bound`: past it, RESOURCE_EXHAUSTED / 429 with a retry-after); the ingress
 deployment holds the stages' handles, runs the orchestrator, serves OpenAI-compatible HTTP through
 Serve's proxy and gRPC on `grpc_port` from inside the replica. With role switching (the default
 in pd/epd with Redis) prefill and decode are one `LLMPool` deployment on `llm_pool` whose replicas
@@ -11,20 +12,36 @@ switch role live, and every ingress runs the role controller (one acts, under a 
 from __future__ import annotations
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
-from cluster.config import POOL_OF, ClusterConfig, StageConfig
+from cluster.config import POOL_OF, ClusterConfig, Limits, StageConfig
 from cluster.request_router import pinned_router_config
 from services.deployments import EncodeServer, LLMServer
 
 _MAX_ONGOING = {"ingress": 1024, "encode": 64, "prefill": 128, "decode": 256, "aggregated": 256}
 
 
-def stage_options(name: str, stage: StageConfig) -> dict:
+def queue_bound(name: str, limits: Limits) -> int:
+    """Serve's `max_queued_requests`: requests a caller may hold waiting for a replica of this
+    deployment (all its replicas at max_ongoing_requests). A stage's caller is an ingress replica,
+    which admits at most `max_in_flight` requests, each with one call to a stage at a time: the
+    bound is that, so it bites only on a bug or an image-sharding fan-out, and never silently grows.
+    The ingress's caller is Serve's HTTP proxy: it may queue one replica's worth more."""
+    return _MAX_ONGOING["ingress"] if name == "ingress" else limits.max_in_flight
+
+
+def stage_options(name: str, stage: StageConfig, limits: Limits | None = None) -> dict:
     pool = POOL_OF[name]
+    limits = limits or Limits()
     opts = {"name": name.capitalize() + ("Server" if name != "ingress" else ""),
             "ray_actor_options": {"num_cpus": stage.num_cpus, "num_gpus": stage.num_gpus,
                                   "resources": {pool: 1} if pool else {}},
-            "max_ongoing_requests": _MAX_ONGOING[name]}
+            "max_ongoing_requests": _MAX_ONGOING[name],
+            # bounded queues: past the bound the proxy answers 429 + Retry-After, a handle raises
+            # BackPressureError (-> RESOURCE_EXHAUSTED with retry-after, services/cluster_backend.py)
+            "max_queued_requests": queue_bound(name, limits),
+            "backpressure_config": BackpressureConfig(status_code=429,
+                                                      retry_after_s=limits.overload_retry_after_s)}
     if name != "ingress":               # honours the Redis router's choice of replica
         opts["request_router_config"] = pinned_router_config()
     if stage.autoscaling:
@@ -75,7 +92,8 @@ class Ingress:
             from cluster.redis_store import RedisStore
             from cluster.role_policy import SwitchPolicy
             from cluster.role_switcher import RoleSwitcher
-            self.roles = RoleSwitcher(RedisStore(cfg.redis_url), _replica_id(), SwitchPolicy(**cfg.role_policy)).start()
+            self.roles = RoleSwitcher(RedisStore(cfg.redis_url), _replica_id(), SwitchPolicy(**cfg.role_policy),
+                                      latency_fn=self.metrics.recent_latency).start()   # this ingress's p90s
         self.grpc = None
         if cfg.grpc_port is not None:
             from services.grpc_ingress import start_grpc_server
@@ -93,11 +111,21 @@ def llm_pool(config: ClusterConfig) -> serve.Application:
     if not config.redis_url:
         raise ValueError("role_switching needs redis_url: roles live in the Redis registry")
     pre, dec = config.stages["prefill"], config.stages["decode"]
-    opts = stage_options("prefill", pre)
+    opts = stage_options("prefill", pre, config.limits)
     opts.update(name="LLMPool", max_ongoing_requests=_MAX_ONGOING["decode"])
     opts["ray_actor_options"]["resources"] = {"llm_pool": 1}
     opts.pop("autoscaling_config", None)
-    opts["num_replicas"] = pre.replicas + dec.replicas
+    opts.pop("num_replicas", None)
+    if pre.autoscaling or dec.autoscaling:
+        # Serve scales the pool; a new replica takes the role furthest below the split, and at
+        # least one replica per role stays (min 2)
+        lo = sum(s.min_replicas if s.autoscaling else s.replicas for s in (pre, dec))
+        hi = sum(s.max_replicas if s.autoscaling else s.replicas for s in (pre, dec))
+        target = (dec if dec.autoscaling else pre).target_ongoing_requests
+        opts["autoscaling_config"] = {"min_replicas": max(2, lo), "max_replicas": max(2, hi),
+                                      "target_ongoing_requests": target}
+    else:
+        opts["num_replicas"] = pre.replicas + dec.replicas
     d = serve.deployment(SwitchableLLMServer).options(**opts)
     return d.bind(config.model, {"prefill": pre.replicas, "decode": dec.replicas}, config.engine(), config.transfer,
                   pre.threads, config.cache_dir, config.redis_url, config.prefault_object_store)
@@ -114,14 +142,14 @@ def build_app(config: ClusterConfig) -> serve.Application:
             continue
         stage = config.stages[name]
         if name == "encode":
-            d = serve.deployment(EncodeServer).options(**stage_options(name, stage))
+            d = serve.deployment(EncodeServer).options(**stage_options(name, stage, config.limits))
             bound[name] = d.bind(config.model, config.encoder_cache_mib * 2**20, stage.threads, **common,
                                  inline_limit_bytes=config.embed_inline_limit_kib * 2**10)
         elif name in ("prefill", "decode", "aggregated"):
-            d = serve.deployment(LLMServer).options(**stage_options(name, stage))
+            d = serve.deployment(LLMServer).options(**stage_options(name, stage, config.limits))
             bound[name] = d.bind(config.model, name, engine, config.transfer, stage.threads, **common,
                                  prefault_object_store=config.prefault_object_store)
-    ingress = serve.deployment(Ingress).options(**stage_options("ingress", config.stages["ingress"]))
+    ingress = serve.deployment(Ingress).options(**stage_options("ingress", config.stages["ingress"], config.limits))
     return ingress.bind(config.to_dict(), **bound)
 
 

@@ -65,21 +65,27 @@ class Backend(Protocol):
 
 class InFlight:
     """Admission for a backend: refuses duplicate ids and, past `limit`, more requests
-    (RESOURCE_EXHAUSTED — backpressure instead of an unbounded queue)."""
+    (RESOURCE_EXHAUSTED with `retry_after_s` — backpressure instead of an unbounded queue; the
+    refusal costs a set lookup, so a burst far past capacity is turned away at once).
+    `refused` counts refusals and `peak` the most ever admitted at once (tests prove the bound)."""
 
-    __slots__ = ("limit", "_ids")
+    __slots__ = ("limit", "retry_after_s", "_ids", "refused", "peak")
 
-    def __init__(self, limit: int):
-        self.limit, self._ids = limit, set()
+    def __init__(self, limit: int, retry_after_s: float = 1.0):
+        self.limit, self.retry_after_s, self._ids = limit, retry_after_s, set()
+        self.refused = self.peak = 0
 
     def admit(self, request_id: str) -> None:
         from services.errors import ErrorCode, TrisectError, invalid
         if request_id in self._ids:
             raise invalid(f"request_id {request_id!r} is already in flight", "request_id")
         if len(self._ids) >= self.limit:
+            self.refused += 1
             raise TrisectError(ErrorCode.RESOURCE_EXHAUSTED, f"server busy: {len(self._ids)} requests in flight "
-                               f"(limit {self.limit}); retry later")
+                               f"(limit {self.limit}); retry after {self.retry_after_s:g} s",
+                               retry_after_s=self.retry_after_s)
         self._ids.add(request_id)
+        self.peak = max(self.peak, len(self._ids))
 
     def release(self, request_id: str) -> None:
         self._ids.discard(request_id)

@@ -103,7 +103,8 @@ def _collect(deltas: list[GenerateDelta]) -> Completion:
 
 
 def _error(e: grpc.RpcError) -> TrisectError:
-    return TrisectError.from_grpc(e.code(), e.details())
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else ()
+    return TrisectError.from_grpc(e.code(), e.details(), trailers)   # keeps `retry-after`
 
 
 class _Base:

@@ -6,6 +6,7 @@ drives E → P → D → tokens become deltas through the shared ResponseBuilder
 orchestration; cancellation travels down the Serve handles, so every stage aborts and frees KV.
 
 Errors keep their meaning across Ray (`client_error`): a TrisectError a stage raised passes as is;
+a stage queue over its bound (Serve's BackPressureError) is RESOURCE_EXHAUSTED with a retry-after;
 a ValueError (an engine's admission checks: prompt or KV need too big for it) is INVALID_ARGUMENT
 with the stage's own message; a lost instance that retries could not replace is UNAVAILABLE;
 anything else is a bug: INTERNAL with a generic message naming the request id, the detail (with
@@ -16,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from dataclasses import replace
+
+from ray.serve.exceptions import BackPressureError
 
 from services import request_log
 from services.api_inputs import Limits, prepare, sampling_params
@@ -35,6 +39,9 @@ def client_error(e: Exception, request_id: str) -> TrisectError:
     e = stage_error(e)
     if isinstance(e, TrisectError):
         return e
+    if isinstance(e, BackPressureError):       # a stage's bounded queue (max_queued_requests) is full
+        return TrisectError(ErrorCode.RESOURCE_EXHAUSTED, "server busy: a stage's queue is full; retry after "
+                            f"{e.retry_after_s or 1:g} s", retry_after_s=e.retry_after_s or 1.0)
     if isinstance(e, TimeoutError):
         return TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
                             "it was aborted on every stage")

@@ -5,13 +5,18 @@ raises `TrisectError(code, message)` with a message written for the person who s
 The gRPC ingress turns it into a status (`grpc_status`), the HTTP ingress into an HTTP status plus
 OpenAI's error body (`http_status`, `openai_body`), and the client SDK turns a status it receives
 back into the same TrisectError (`from_grpc`) so callers handle one type whatever the transport.
+A refusal under load (RESOURCE_EXHAUSTED) carries `retry_after_s`: HTTP sends it as `Retry-After`
+(whole seconds, rounded up), gRPC as `retry-after` trailing metadata (seconds, decimal).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 
 import grpc
+
+RETRY_AFTER_MD = "retry-after"   # gRPC trailing metadata key of retry_after_s (docs/api.md)
 
 
 class ErrorCode(str, enum.Enum):
@@ -58,9 +63,10 @@ _OPENAI_TYPE = {
 class TrisectError(Exception):
     """An error with a transport-neutral code and a human-readable message."""
 
-    __slots__ = ("code", "message", "param")
+    __slots__ = ("code", "message", "param", "retry_after_s")
 
-    def __init__(self, code: ErrorCode | str, message: str, param: str | None = None):
+    def __init__(self, code: ErrorCode | str, message: str, param: str | None = None,
+                 retry_after_s: float | None = None):
         code = ErrorCode(code)
         if not message:
             raise ValueError("TrisectError needs a human-readable message")
@@ -68,6 +74,23 @@ class TrisectError(Exception):
         self.code = code
         self.message = message
         self.param = param  # the offending request field, when there is one (OpenAI's `param`)
+        self.retry_after_s = retry_after_s  # when a retry may succeed (overload refusals), seconds
+
+    def with_message(self, message: str) -> "TrisectError":
+        """The same error (code, field, retry-after) told with another message."""
+        return TrisectError(self.code, message, self.param, self.retry_after_s)
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}  # RFC 9110: whole seconds
+
+    @property
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        return ((RETRY_AFTER_MD, f"{max(0.001, self.retry_after_s):.3f}"),)
 
     @property
     def grpc_status(self) -> grpc.StatusCode:
@@ -82,13 +105,20 @@ class TrisectError(Exception):
                           "param": self.param, "code": self.code.value.lower()}}
 
     @classmethod
-    def from_grpc(cls, status: grpc.StatusCode, details: str | None) -> "TrisectError":
+    def from_grpc(cls, status: grpc.StatusCode, details: str | None, trailing_metadata=()) -> "TrisectError":
         code = _FROM_GRPC.get(status, ErrorCode.INTERNAL)
-        return cls(code, details or status.name.lower())
+        retry = None
+        for key, value in trailing_metadata or ():
+            if key == RETRY_AFTER_MD:
+                try:
+                    retry = float(value)
+                except ValueError:
+                    pass
+        return cls(code, details or status.name.lower(), retry_after_s=retry)
 
     def __reduce__(self):
         # Survives pickling across Ray actor boundaries with its code intact.
-        return (type(self), (self.code.value, self.message, self.param))
+        return (type(self), (self.code.value, self.message, self.param, self.retry_after_s))
 
 
 def invalid(message: str, param: str | None = None) -> TrisectError:

@@ -3,7 +3,8 @@
 Life of a call: `Generate` checks `authorization: Bearer <key>` metadata, converts the proto into a
 GenerateRequest (validation -> INVALID_ARGUMENT), turns the client's deadline into an absolute one,
 and relays the Backend's deltas as GenerateResponse messages; the last carries finish_reason, usage
-and timings. A TrisectError ends the call with its status code and message as the detail. When the
+and timings. A TrisectError ends the call with its status code and message as the detail (and, when
+refused under load, `retry-after` trailing metadata). When the
 client cancels or its deadline passes, grpc.aio cancels this handler: closing the backend stream
 aborts the request everywhere and frees its KV blocks. Health ("" and trisect.v1.Generation) and
 reflection are unauthenticated so probes and grpcurl work without a key.
@@ -78,7 +79,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                 await stream.aclose()  # on cancel/deadline: abort the request, free its blocks
         except TrisectError as e:
             code = e.code.value
-            await context.abort(e.grpc_status, request_log.with_id(e.message, req and req.request_id))
+            await context.abort(e.grpc_status, request_log.with_id(e.message, req and req.request_id),
+                                e.grpc_trailers)          # RESOURCE_EXHAUSTED: `retry-after` seconds
         except grpc.aio.AbortError:
             raise
         except Exception:

@@ -4,7 +4,7 @@ Life of a chat completion: the bearer key is checked (401), the JSON body is map
 GenerateRequest (`image_url` parts must be `data:` URLs; anything malformed -> 400), an optional
 `x-trisect-timeout` header (seconds) becomes the deadline (504 when it passes). Non-streaming
 requests collect the Backend's deltas into one `chat.completion`; streaming ones wait for the first
-delta — so admission errors (400/429/503) still get a real status — then send SSE
+delta — so admission errors (400/429/503) still get a real status, a 429 with `Retry-After` — then send SSE
 `chat.completion.chunk`s and `data: [DONE]`. An error after the stream started is sent as an SSE
 `{"error": ...}` event, which the official client raises. A client that disconnects closes the
 stream, and closing the backend stream aborts the request and frees its KV blocks.
@@ -40,7 +40,7 @@ def _usage(d: GenerateDelta) -> dict:
 
 
 def _error_response(e: TrisectError) -> JSONResponse:
-    return JSONResponse(e.openai_body(), status_code=e.http_status)
+    return JSONResponse(e.openai_body(), status_code=e.http_status, headers=e.http_headers)
 
 
 def build_http_app(backend, auth: ApiKeys | None = None,
@@ -57,7 +57,7 @@ def build_http_app(backend, auth: ApiKeys | None = None,
     def fail(e: TrisectError) -> JSONResponse:
         if metrics:
             metrics.failed("http", e.code.value)
-        return _error_response(TrisectError(e.code, request_log.with_id(e.message), e.param))
+        return _error_response(e.with_message(request_log.with_id(e.message)))
 
     @app.get("/health")
     async def health():
@@ -145,7 +145,7 @@ def build_http_app(backend, auth: ApiKeys | None = None,
         except TrisectError as e:
             if metrics:
                 metrics.failed("http", e.code.value)
-            e = TrisectError(e.code, request_log.with_id(e.message, rid), e.param)
+            e = e.with_message(request_log.with_id(e.message, rid))
             yield "data: " + json.dumps(e.openai_body()) + "\n\n"
         except BaseException as e:  # the client disconnected (GeneratorExit / cancellation), or a bug
             if metrics:

@@ -34,7 +34,8 @@ class RateLimiter:
         if not d.allowed:
             metrics.RATE_LIMITED.inc()
             raise TrisectError(ErrorCode.RESOURCE_EXHAUSTED, f"rate limit exceeded for this API key "
-                               f"({self.per_s:g}/s, burst {self.burst}); retry after {d.retry_after_s:.2f} s")
+                               f"({self.per_s:g}/s, burst {self.burst}); retry after {d.retry_after_s:.2f} s",
+                               retry_after_s=d.retry_after_s)
 
 
 class Journal:

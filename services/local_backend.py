@@ -38,7 +38,7 @@ class LocalBackend:
         if loaded.family != "text":
             from encoders.vision import VisionEncoder
             self._vision = VisionEncoder(loaded)
-        self._in_flight = InFlight(self.limits.max_in_flight)
+        self._in_flight = InFlight(self.limits.max_in_flight, self.limits.overload_retry_after_s)
         self._prep = concurrent.futures.ThreadPoolExecutor(prep_workers, "trisect-prep")
         self._accepting = True
         self._closed = False

@@ -34,6 +34,18 @@ def test_build_app_deploys_exactly_the_mode_stages(mode, stages):
             assert d._deployment_config.autoscaling_config.max_replicas == 4
 
 
+def test_every_deployment_has_a_bounded_queue_refused_with_429_and_retry_after():
+    cfg = ClusterConfig(mode="epd", role_switching=False, limits={"max_in_flight": 40, "overload_retry_after_s": 3})
+    ingress = build_app(cfg)._bound_deployment
+    deployments = {"ingress": ingress} | {k: b._bound_deployment for k, b in ingress.init_kwargs.items()}
+    assert set(deployments) == {"ingress", "encode", "prefill", "decode"}
+    for stage, d in deployments.items():
+        c = d._deployment_config
+        # a stage's caller (an ingress) never has more than max_in_flight requests to queue
+        assert c.max_queued_requests == (1024 if stage == "ingress" else 40), stage
+        assert c.backpressure_config.status_code == 429 and c.backpressure_config.retry_after_s == 3
+
+
 def test_config_validation_and_yaml_round_trip(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         ClusterConfig(mode="nope")
