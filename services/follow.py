@@ -16,6 +16,12 @@ import asyncio
 from typing import AsyncIterator
 
 
+class NotInRole(RuntimeError):
+    """Work reached an LLM-pool instance that no longer plays that role (it was routed on a view
+    taken just before a switch, or Serve fell back from a pin to a replica it is removing): like a
+    lost instance, another instance can do it, so the orchestrator re-routes and retries."""
+
+
 async def follow_moves(stage, rid: str, ticket, pin: str | None, max_moves: int = 8) -> AsyncIterator[dict]:
     source = None                                   # instance holding the moved KV until it is imported
     try:

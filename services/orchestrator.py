@@ -29,12 +29,13 @@ from typing import AsyncIterator, Awaitable, Callable
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from cluster.request_router import pinned
-from services.follow import follow_moves
+from services.follow import NotInRole, follow_moves
 
 MODES = ("aggregated", "pd", "epd")
 # RayActorError covers ActorDiedError and ActorUnavailableError; ObjectLostError covers OwnerDiedError,
-# ObjectFreedError, ObjectFetchTimedOutError and failed reconstruction
-_LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError)
+# ObjectFreedError, ObjectFetchTimedOutError and failed reconstruction; NotInRole: a role switch
+# raced the routing decision (services/follow.py)
+_LOST = (RayActorError, ObjectLostError, WorkerCrashedError, NodeDiedError, NotInRole)
 
 
 def stage_error(e: BaseException) -> BaseException:

@@ -38,6 +38,7 @@ from cluster.roles import Role, RoleMachine, RoleState
 from decoders.config import EngineConfig
 from decoders.engine import StepOutput
 from services.deployments import LLMServer, _replica_id
+from services.follow import NotInRole
 
 log = logging.getLogger(__name__)
 _ROLES = (Role.PREFILL, Role.DECODE)
@@ -80,8 +81,10 @@ class SwitchableLLMServer(LLMServer):
             time.sleep(0.05)
         try:
             role = first_role(self.registry, split)
+            # heartbeating from now on: loading the model can outlast the record's TTL, and a
+            # record that expired meanwhile would let the next replica pick the same role
             self.agent = self.registry.register(InstanceInfo(iid, role, pool=LLM_POOL, capacity=capacity),
-                                                Load(), state=RoleState.SWITCHING, target=role)
+                                                Load(), state=RoleState.SWITCHING, target=role, start=True)
         finally:
             pick.release()
         super().__init__(model, role.value, engine, transfer, threads, cache_dir, None, prefault_object_store)
@@ -91,21 +94,34 @@ class SwitchableLLMServer(LLMServer):
         self.grace_s, self.drain_timeout_s, self.interval_s = grace_s, drain_timeout_s, interval_s
         self.inflight = {Role.PREFILL: 0, Role.DECODE: 0}
         self.moves: dict[str, tuple] = {}        # rid -> (ticket, target id) of a sequence moved out
-        self.counts = Counter()                  # kv_imports, recomputed, moved_out, forwarded
+        self.counts = Counter()                  # prefills, kv_imports, recomputed, moved_out, forwarded
         self.switches: list[dict] = []
         self._switch_thread: threading.Thread | None = None
         self._metric = _switch_histogram()
         self.agent.set_role(role, RoleState.ACTIVE)
         self._stop = threading.Event()
-        threading.Thread(target=self._watch, name=f"roles-{iid}", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name=f"roles-{iid}", daemon=True)
+        self._watcher.start()
+
+    def __del__(self):
+        """Serve calls this once the replica's ongoing requests are done (graceful shutdown, e.g.
+        a scale-down): leave the registry now, so no router picks us until the record's TTL."""
+        stop = getattr(self, "_stop", None)
+        if stop is None:                          # the constructor never finished
+            return
+        stop.set()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=2)         # its next beat would register us again
+        self.agent.deregister()
 
     # ---- serving ---------------------------------------------------------------------------------
     def _takes(self, role: Role) -> bool:
         return self.machine.role is role and self.machine.state is RoleState.ACTIVE
 
     async def prefill(self, rid, token_ids, sampling, images=None, pixels=None) -> dict:
-        if self.engine.config.role != "prefill":
-            raise RuntimeError(f"instance {self.instance_id} serves {self.machine.role.value} now, not prefill")
+        if self.engine.config.role != "prefill":    # routed on a stale view: the orchestrator re-routes
+            raise NotInRole(f"instance {self.instance_id} serves {self.machine.role.value} now, not prefill")
+        self.counts["prefills"] += 1
         self.inflight[Role.PREFILL] += 1
         try:
             return await super().prefill(rid, token_ids, sampling, images, pixels)
