@@ -1,7 +1,7 @@
 """`trisect` command line: one dispatcher, each subcommand's work lives in its own module.
 
   trisect serve   [--model tiny-llava] [--grpc-port 50051] [--http-port 8000] ...
-  trisect bench   engine | router | transfer | overhead | memory | serve  [...]
+  trisect bench   engine | router | transfer | overhead | memory | serve | soak | shift  [...]
   trisect client  [--image F] "prompt"
   trisect redis   start a private redis-server on loopback and print its URL
   trisect roles   [set ID ROLE]  instances and their roles (role switching)
@@ -17,6 +17,8 @@ BENCHES = {
     "overhead": "services.bench.overhead",
     "memory": "services.bench.memory",
     "serve": "services.bench.serve",
+    "soak": "services.bench.soak",
+    "shift": "services.bench.shift",
 }
 
 
