@@ -77,6 +77,7 @@ class GenerateRequest:
     model: str = ""                           # "" = the served model
     api_key: str | None = field(default=None, repr=False)  # already checked; kept for quotas
     deadline: float | None = None             # absolute time.time(); None = no deadline
+    resume_from: int | None = None            # resume request_id's stream after this many tokens
 
     def __post_init__(self):
         if not isinstance(self.request_id, str) or not _REQUEST_ID.match(self.request_id):
@@ -116,6 +117,8 @@ class GenerateRequest:
             raise invalid(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
         if self.deadline is not None:
             _check_float("deadline", self.deadline, lo=0.0, hi=math.inf)
+        if self.resume_from is not None:
+            _check_int("resume_from", self.resume_from, lo=0)
 
     def chat(self) -> tuple[ChatMessage, ...]:
         """The request as a conversation: a bare prompt is one user turn, images before text."""

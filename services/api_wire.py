@@ -26,6 +26,7 @@ from services.errors import invalid
 from services.proto import pb
 
 TIMEOUT_HEADER = "x-trisect-timeout"
+RESUME_HEADER = "x-trisect-resume-from"   # HTTP header and gRPC metadata (docs/api.md, resuming)
 _ROLE_ALIASES = {"developer": "system"}
 _UNSUPPORTED = ("tools", "functions", "logprobs", "audio", "prediction")
 # OpenAI fields with no effect on greedy/sampled text here: accepted only at their neutral value
@@ -275,3 +276,14 @@ def deadline_from_header(raw: str | None) -> float | None:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise invalid(f"{TIMEOUT_HEADER} must be a positive, finite number of seconds", TIMEOUT_HEADER)
     return time.time() + seconds
+
+
+def resume_from_header(raw: str | None) -> int | None:
+    """`x-trisect-resume-from: <tokens the client already has>` -> GenerateRequest.resume_from."""
+    if raw is None:
+        return None
+    s = raw.strip()
+    if not (s.isascii() and s.isdigit()) or len(s) > 9:
+        raise invalid(f"{RESUME_HEADER} must be the number of tokens already received (0 or more)",
+                      RESUME_HEADER)
+    return int(s)

@@ -114,6 +114,15 @@ class _Base:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout  # default per-call deadline in seconds (None = none)
 
+    def _md(self, kw: dict, resume_from: int | None) -> tuple:
+        """`resume_from=N` with the broken stream's `request_id`: the rest of that stream, after the
+        N tokens already received, from whichever ingress answers (docs/api.md, resuming)."""
+        if resume_from is None:
+            return self._metadata
+        if not kw.get("request_id"):
+            raise ValueError("resume_from needs the request_id of the stream to resume")
+        return self._metadata + (("x-request-id", kw["request_id"]), ("x-trisect-resume-from", str(resume_from)))
+
 
 class TrisectClient(_Base):
     def __init__(self, target: str | None = None, *, api_key: str | None = None,
@@ -123,9 +132,9 @@ class TrisectClient(_Base):
                          else grpc.insecure_channel(self.target, _OPTIONS))
         self._stub = pb_grpc.GenerationStub(self._channel)
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+    def stream(self, prompt: str | None = None, *, timeout: float | None = None, resume_from: int | None = None,
                **kw) -> Iterator[GenerateDelta]:
-        call = self._stub.Generate(build_request(prompt, **kw), metadata=self._metadata,
+        call = self._stub.Generate(build_request(prompt, **kw), metadata=self._md(kw, resume_from),
                                    timeout=timeout if timeout is not None else self.timeout)
         try:
             for msg in call:
@@ -173,8 +182,8 @@ class AsyncTrisectClient(_Base):
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                     **kw) -> AsyncIterator[GenerateDelta]:
-        call = self._stub.Generate(build_request(prompt, **kw), metadata=self._metadata,
+                     resume_from: int | None = None, **kw) -> AsyncIterator[GenerateDelta]:
+        call = self._stub.Generate(build_request(prompt, **kw), metadata=self._md(kw, resume_from),
                                    timeout=timeout if timeout is not None else self.timeout)
         try:
             async for msg in call:

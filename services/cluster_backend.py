@@ -2,7 +2,9 @@
 
 Life of a request: admit (RESOURCE_EXHAUSTED past `max_in_flight`) → validate and tokenize with the
 checkpoint's processor (no model weights on the ingress) → content-hash each image → orchestrator
-drives E → P → D → tokens become deltas through the shared ResponseBuilder. A deadline cancels the
+drives E → P → D → tokens become deltas through the shared ResponseBuilder, journaled in Redis
+before the client sees them; a request resuming a dead ingress's stream starts from that journal
+(services/resume.py). A deadline cancels the
 orchestration; cancellation travels down the Serve handles, so every stage aborts and frees KV.
 
 Errors keep their meaning across Ray (`client_error`): a TrisectError a stage raised passes as is;
@@ -24,10 +26,12 @@ from ray.serve.exceptions import BackPressureError
 from services import request_log
 from services.api_inputs import Limits, prepare, sampling_params
 from services.api_types import GenerateRequest
+from services.api_wire import RESUME_HEADER
 from services.backend import BackendStats, InFlight, until_deadline
 from services.errors import ErrorCode, TrisectError, invalid
 from services.orchestrator import Orchestrator, TransferFailed, lost_instance, stage_error
 from services.response import ResponseBuilder
+from services.resume import fingerprint, journal_every, resume_point
 from services.stage_loads import Totals
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,7 @@ class ClusterBackend:
         self.name = model_name
         self.limits = limits or Limits()
         self.rate_limiter, self.journal = rate_limiter, journal    # services/ingress_redis.py, or None
-        self._in_flight = InFlight(self.limits.max_in_flight)
+        self._in_flight = InFlight(self.limits.max_in_flight, self.limits.overload_retry_after_s)
         self.loads = None       # services/stage_loads.py: the engines' queues and KV, set by the ingress
 
     def model_names(self) -> list[str]:
@@ -89,32 +93,70 @@ class ClusterBackend:
             await self.rate_limiter.check(req.api_key)
         self._in_flight.admit(req.request_id)
         request_log.bind(req.request_id)    # the stage calls below carry it: their log lines name it
-        state = "failed"
+        rid, state = req.request_id, "failed"
+        owner = False                           # this call writes the journal entry (and closes it)
         try:
             prepared = await asyncio.to_thread(prepare, self.frontend, req, self.limits, self.frontend.max_model_len)
             pixels = [(hashlib.sha256(data).hexdigest(), p) for data, p in zip(req.images, prepared.pixel_inputs)]
             sampling = sampling_params(req)
-            response = ResponseBuilder(req.request_id, self.frontend.tokenizer, prepared.token_ids, req.stop)
-            stream = self.orchestrator.run(req.request_id, prepared.token_ids, sampling, pixels)
-            if self.journal:
-                await self.journal.open(req.request_id, {"prompt_tokens": len(prepared.token_ids), "max_tokens":
-                                                         req.max_tokens, "images": [h for h, _ in pixels]})
-            tokens: list[int] = []
-            journaled = 0
+            fp = fingerprint(prepared.token_ids, [h for h, _ in pixels], sampling, req.api_key)
+            response = ResponseBuilder(rid, self.frontend.tokenizer, prepared.token_ids, req.stop)
+            point = None
+            if req.resume_from is not None:     # services/resume.py: the stream of a dead ingress
+                if not self.journal:
+                    raise invalid("resuming needs the request journal, and this server has no Redis", RESUME_HEADER)
+                point = await resume_point(self.journal, rid, req.resume_from, fp, sampling)
+                owner = point.finish is None    # a finished entry is only replayed, never rewritten
+            tokens = list(point.done) if point else []
+            journaled, skip = len(tokens), point.skip if point else 0
+            if point:
+                had = min(req.resume_from, len(tokens))
+                response.add(tokens[:had], None)            # the client has these: detokenizer state only
+                if point.finish or len(tokens) > had:
+                    delta = response.add(tokens[had:], point.finish or (
+                        "length" if len(tokens) >= sampling.max_tokens else None))
+                    if response.finished:
+                        state = f"finished:{delta.finish_reason}"
+                    yield delta
+                    if response.finished:
+                        return
+                elif len(tokens) >= sampling.max_tokens:
+                    state = "finished:length"
+                    yield response.add([], "length")
+                    return
+            left = replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
+            stream = self.orchestrator.run(point.stage_id(rid) if point else rid, prepared.token_ids + tokens,
+                                           left, pixels)
+            if self.journal and point:
+                await self.journal.touch(rid, "running")
+            elif self.journal:
+                owner = True
+                await self.journal.open(rid, {"prompt_tokens": len(prepared.token_ids), "max_tokens": req.max_tokens,
+                                              "images": [h for h, _ in pixels], "fingerprint": fp})
+            every = journal_every(sampling, JOURNAL_EVERY)
             async for item in until_deadline(stream, req.deadline):
-                tokens += item["tokens"]
-                if self.journal and (item["finish_reason"] or len(tokens) - journaled >= JOURNAL_EVERY):
-                    # batched: one round trip per JOURNAL_EVERY tokens keeps Redis off the per-token path
-                    await self.journal.append(req.request_id, journaled, tokens[journaled:])
+                new = item["tokens"]
+                tokens += new
+                if self.journal and (item["finish_reason"] or len(tokens) - journaled >= every):
+                    # before the client sees them (a resume starts from the journal); batched for greedy
+                    # requests: a round trip per JOURNAL_EVERY tokens keeps Redis off the per-token path
+                    await self.journal.append(rid, journaled, tokens[journaled:])
                     journaled = len(tokens)
-                delta = response.add(item["tokens"], item["finish_reason"])
+                if skip:                        # resumed past the journal: the client has these already
+                    k = min(skip, len(new))
+                    response.add(new[:k], None)
+                    skip, new = skip - k, new[k:]
+                    if not new and item["finish_reason"] is None:
+                        continue
+                delta = response.add(new, item["finish_reason"])
+                if response.finished:           # before the yield: a consumer may close us right there
+                    state = f"finished:{delta.finish_reason}"
                 yield delta
                 if response.finished:
-                    state = "finished"
                     return
         except Exception as e:
             raise client_error(e, req.request_id) from None
         finally:
             self._in_flight.release(req.request_id)
-            if self.journal:
+            if self.journal and owner:
                 asyncio.ensure_future(self.journal.close(req.request_id, state))

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from cluster.config import Limits
 from services.api_metrics import ApiMetrics
 from services.api_types import GenerateDelta
-from services.api_wire import request_from_proto
+from services.api_wire import RESUME_HEADER, request_from_proto, resume_from_header
 from services import request_log
 from services.auth import ApiKeys
 from services.errors import ErrorCode, TrisectError
@@ -67,6 +67,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             remaining = context.time_remaining()
             deadline = time.time() + remaining if remaining is not None else None
             req = request_log.adopt(request_from_proto(request, key, deadline), context.invocation_metadata())
+            md = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
+            req.resume_from = resume_from_header(md.get(RESUME_HEADER))
             stream = self.backend.generate(req)
             try:
                 async for delta in stream:

@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from cluster.config import Limits
 from services.api_metrics import CONTENT_TYPE, ApiMetrics
 from services.api_types import GenerateDelta
-from services.api_wire import TIMEOUT_HEADER, deadline_from_header, parse_json, request_from_openai
+from services.api_wire import (RESUME_HEADER, TIMEOUT_HEADER, deadline_from_header, parse_json, request_from_openai,
+                               resume_from_header)
 from services import request_log
 from services.auth import ApiKeys
 from services.errors import ErrorCode, TrisectError
@@ -90,6 +91,7 @@ def build_http_app(backend, auth: ApiKeys | None = None,
                 return e.response()
             req, opts = request_from_openai(body, rid, key,
                                             deadline_from_header(request.headers.get(TIMEOUT_HEADER)))
+            req.resume_from = resume_from_header(request.headers.get(RESUME_HEADER))
             stream = backend.generate(req)
             first = await _first(stream)
         except TrisectError as e:

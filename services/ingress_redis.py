@@ -1,11 +1,13 @@
 """What the ingress keeps in Redis besides routing: per-API-key rate limits and the request journal.
 
 RateLimiter: a token bucket per API key (atomic Lua in cluster/redis_store.py, server time); a
-request over the limit is refused with RESOURCE_EXHAUSTED and how long to wait. While Redis is
+request over the limit is refused with RESOURCE_EXHAUSTED and how long to wait (`retry_after_s`:
+HTTP Retry-After, gRPC `retry-after` trailing metadata). While Redis is
 unreachable requests pass: refusing all traffic because the limiter is down would be worse.
 
-Journal: per request, its state, assignment and the tokens streamed so far, so a later reader
-(request migration) can resume it. Writes happen off the event loop and never fail a request.
+Journal: per request, its state, a fingerprint of what was asked and the tokens streamed so far, so
+a client whose ingress died can resume the stream on another (services/resume.py). Writes happen
+off the event loop and never fail a request; a read that cannot reach Redis is UNAVAILABLE.
 """
 from __future__ import annotations
 
@@ -56,3 +58,13 @@ class Journal:
 
     async def close(self, rid: str, state: str) -> None:
         await self._quietly(self.store.journal_close, rid, state)
+
+    async def read(self, rid: str):
+        try:
+            return await asyncio.to_thread(self.store.journal_read, rid)
+        except StoreError:
+            raise TrisectError(ErrorCode.UNAVAILABLE, "the request journal (Redis) is unreachable; "
+                               "cannot resume now, retry shortly") from None
+
+    async def touch(self, rid: str, state: str) -> None:
+        await self._quietly(self.store.journal_update, rid, state=state)

@@ -66,6 +66,9 @@ class LocalBackend:
         if not self._accepting:
             raise TrisectError(ErrorCode.UNAVAILABLE, "this instance is draining and accepts no "
                                "new requests; retry shortly or on another instance")
+        if req.resume_from is not None:
+            raise invalid("resuming a stream needs the request journal in Redis (the cluster modes); "
+                          "--mode local keeps none", "x-trisect-resume-from")
         rid = req.request_id
         self._in_flight.admit(rid)
         try:
