@@ -143,6 +143,13 @@ PREFIX_HITS = _series("counter", "trisect_prefix_cache_hit_blocks_total", "promp
 PREFIX_MISSES = _series("counter", "trisect_prefix_cache_miss_blocks_total", "full prompt blocks looked up "
                         "in the prefix cache and not found", STAGE)
 
+# ---- role switching (services/switchable.py: replicas of the shared LLM pool)
+ROLE_SWITCH_OUTCOMES = ("switched", "cancelled", "failed")
+ROLE_SWITCHES = _series("counter", "trisect_role_switches_total", "live role switches of LLM-pool replicas by "
+                        "outcome (switched, cancelled, failed)", ("outcome",), local=False)
+ROLE_SWITCH_SECONDS = _series("histogram", "trisect_role_switch_seconds", "duration of a live role switch "
+                              "(drain + flip)", ("outcome",), buckets=(.1, .25, .5, 1, 2, 5, 10, 30, 60), local=False)
+
 # ---- encoders
 ENCODE_QUEUE = _series("gauge", "trisect_encode_queue_images", "images waiting for or in an encoder "
                        "forward", STAGE)

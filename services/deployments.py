@@ -129,8 +129,9 @@ class LLMServer:
                                        self._load)
         request_log.setup()
         self.transfer = transfer
-        self.metrics = stage_metrics.watch_engine(self.engine, role, self.instance_id)
-        if role == "decode":
+        # the role is read at each sample: a role-switching replica's changes (services/switchable.py)
+        self.metrics = stage_metrics.watch_engine(self.engine, lambda: self.role, self.instance_id)
+        if role != "aggregated":                   # any of these may take KV in (now or after a switch)
             stage_metrics.transferred(transfer, None)
 
     def _load(self):

@@ -51,27 +51,41 @@ class Sampler:
 
 
 class _Deltas:
-    """Turns cumulative counts into counter increments."""
+    """Turns cumulative counts into counter increments (a new label set — a replica's new role —
+    starts at 0 and goes on from the source's current total: nothing is counted twice)."""
 
-    __slots__ = ("last",)
+    __slots__ = ("last", "seen")
 
     def __init__(self):
         self.last: dict[str, int] = {}
+        self.seen: set[tuple] = set()
 
     def add(self, series: m.Series, key: str, total: int, **labels) -> None:
         prev = self.last.get(key, 0)
         if total < prev:                           # the source was reset (a new engine): count afresh
             prev = 0
-        if total > prev or key not in self.last:   # the first sample makes the series exist at 0
+        first = (key, *sorted(labels.items())) not in self.seen
+        if total > prev or first:                  # the first sample makes the series exist at 0
             series.inc(total - prev, **labels)
+            self.seen.add((key, *sorted(labels.items())))
         self.last[key] = total
 
 
-def watch_engine(engine, role: str, replica: str, interval_s: float = INTERVAL_S) -> Sampler:
-    deltas, labels = _Deltas(), {"role": role, "replica": replica}
+def watch_engine(engine, role, replica: str, interval_s: float = INTERVAL_S) -> Sampler:
+    """role: the label, or a callable giving it — a role-switching replica's changes; on a change
+    the old role's gauges of this replica drop to 0 (instances per role stays true) and the
+    counters go on under the new one."""
+    deltas, now = _Deltas(), {}
+    role_of = role if callable(role) else (lambda: role)
 
     def sample():
         bm, sched = engine.block_manager, engine.scheduler
+        labels = {"role": role_of(), "replica": replica}
+        old = now.get("labels")
+        if old is not None and old != labels:
+            for gauge in (m.INSTANCES, m.WAITING, m.RUNNING, m.KV_FREE, m.KV_USED):
+                gauge.set(0, **old)
+        now["labels"] = labels
         m.INSTANCES.set(1, **labels)
         m.WAITING.set(len(sched.waiting), **labels)
         m.RUNNING.set(len(sched.running), **labels)
@@ -128,6 +142,16 @@ def transferred(backend: str, ok: bool | None, nbytes: int = 0, seconds: float =
         m.TRANSFER_SECONDS.observe(seconds, backend=backend)
     else:
         m.TRANSFER_FAILURES.inc(backend=backend)
+
+
+def role_switching(ready: bool = True, outcome: str = "", seconds: float = 0.0) -> None:
+    """ready: a switchable replica started (its switch counters exist at 0); else one switch ended."""
+    if ready:
+        for o in m.ROLE_SWITCH_OUTCOMES:
+            m.ROLE_SWITCHES.inc(0, outcome=o)
+    else:
+        m.ROLE_SWITCHES.inc(outcome=outcome)
+        m.ROLE_SWITCH_SECONDS.observe(seconds, outcome=outcome)
 
 
 class Stopwatch:

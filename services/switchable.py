@@ -17,7 +17,7 @@ controller or `trisect roles set`); a different one starts a switch, in its own 
         KV is imported — nothing is recomputed, the client's stream goes on with the next token.
   A drain is cancelled when the request is withdrawn (or changed); a failure leaves the instance
   ACTIVE in its old role. Every switch's duration and outcome is kept (`stats()["switches"]`) and
-  observed in the `trisect_role_switch_seconds` histogram.
+  counted in `trisect_role_switches_total` and observed in `trisect_role_switch_seconds`.
 Work that reaches an instance no longer in the role (routed just before the switch began):
 a decode call is forwarded unimported ({"moved", "from": None}); a prefill is served only while
 the engine still prefills (the drain waits a grace period for such late arrivals).
@@ -37,6 +37,7 @@ from cluster.role_switcher import LLM_POOL
 from cluster.roles import Role, RoleMachine, RoleState
 from decoders.config import EngineConfig
 from decoders.engine import StepOutput
+from services import stage_metrics
 from services.deployments import LLMServer, _replica_id
 from services.follow import NotInRole
 
@@ -97,7 +98,7 @@ class SwitchableLLMServer(LLMServer):
         self.counts = Counter()                  # prefills, kv_imports, recomputed, moved_out, forwarded
         self.switches: list[dict] = []
         self._switch_thread: threading.Thread | None = None
-        self._metric = _switch_histogram()
+        stage_metrics.role_switching()
         self.agent.set_role(role, RoleState.ACTIVE)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name=f"roles-{iid}", daemon=True)
@@ -143,9 +144,12 @@ class SwitchableLLMServer(LLMServer):
         self.inflight[Role.DECODE] += 1
         try:
             rx = self.receiver_cls(ticket)
-            while not rx.poll().done:
-                await asyncio.sleep(0.0005)
-            if rx.state.value != "success":
+            with stage_metrics.Stopwatch() as took:
+                while not rx.poll().done:
+                    await asyncio.sleep(0.0005)
+            ok = rx.state.value == "success"
+            stage_metrics.transferred(self.transfer, ok, rx.payload().nbytes if ok else 0, took.seconds)
+            if not ok:
                 yield {"transfer_failed": rx.error or "transfer failed"}
                 return
             payload, imported = rx.payload(), False
@@ -224,8 +228,7 @@ class SwitchableLLMServer(LLMServer):
             took = time.monotonic() - t0
             self._publish()
             self.switches.append({"from": old.value, "to": target.value, "outcome": outcome, "seconds": took})
-            if self._metric is not None:
-                self._metric.observe(took, tags={"outcome": outcome.split(":")[0]})
+            stage_metrics.role_switching(False, outcome.split(":")[0], took)
             log.info("%s: switch %s -> %s %s in %.3fs", self.instance_id, old.value, target.value, outcome, took)
             self.agent.clear_desired_role()
             self._switch_thread = None
@@ -288,11 +291,3 @@ class SwitchableLLMServer(LLMServer):
             self.loop._push(rid, StepOutput(rid, [], True, "moved"))
         return len(self.moves)
 
-
-def _switch_histogram():
-    try:
-        from ray.util.metrics import Histogram
-        return Histogram("trisect_role_switch_seconds", "duration of a live role switch (drain + flip)",
-                         boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60], tag_keys=("outcome",))
-    except Exception:                             # outside Ray (in-process tests)
-        return None

@@ -25,7 +25,7 @@ def test_names_units_and_labels_follow_prometheus_conventions():
         assert (s.kind == "counter") == s.name.endswith("_total"), s.name
         if s.kind == "histogram":
             assert s.name.endswith("_seconds"), s.name
-        assert set(s.labels) <= {"role", "replica", "transport", "code", "backend"}, s.name
+        assert set(s.labels) <= {"role", "replica", "transport", "code", "backend", "outcome"}, s.name
     with pytest.raises(ValueError):
         m.Series("counter", "trisect_bad_total", "x", ("request_id",))
     with pytest.raises(ValueError):
@@ -33,7 +33,7 @@ def test_names_units_and_labels_follow_prometheus_conventions():
 
 
 def test_dashboard_queries_only_catalogued_series_and_docs_list_them_all():
-    dashboard = json.loads((ROOT / "docs/grafana/trisect-dashboard.json").read_text())
+    dashboard = json.loads((ROOT / "helm/trisect/dashboards/trisect-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {re.sub(r"_(bucket|count|sum)$", "", n) for e in exprs for n in re.findall(r"ray_(trisect_[a-z0-9_]+)", e)}
     catalogue = {s.name for s in m.CATALOGUE}
@@ -84,3 +84,30 @@ def test_log_lines_carry_the_request_id_as_text_or_json():
     assert json.loads(js)["request_id"] == "trace-7" and json.loads(js)["message"] == "prefill failed"
     for name in request_log.PACKAGES:                 # leave logging as other tests expect it
         logging.getLogger(name).handlers, logging.getLogger(name).propagate = [], True
+
+
+def test_engine_sampler_follows_a_role_switch_without_counting_twice():
+    """A role-switching replica's series move to its new role: old gauges 0, counters go on."""
+    from types import SimpleNamespace
+
+    from services import stage_metrics
+    bm = SimpleNamespace(num_free_blocks=6, num_usable_blocks=10, prefix_hits=3, prefix_misses=5)
+    engine = SimpleNamespace(block_manager=bm, scheduler=SimpleNamespace(waiting=[], running=[1, 2],
+                                                                         num_preemptions=0))
+    owner = SimpleNamespace(role="prefill")
+    sampler = stage_metrics.watch_engine(engine, lambda: owner.role, "unit-switch", interval_s=3600)
+    sampler.close()                                   # one sample taken at start; the rest by hand
+    text = lambda: generate_latest(m.REGISTRY).decode()
+    line = lambda name, role: f'{name}{{replica="unit-switch",role="{role}"}}'
+    assert f'{line("trisect_engine_running_sequences", "prefill")} 2.0' in text()
+    assert f'{line("trisect_prefix_cache_hit_blocks_total", "prefill")} 3.0' in text()
+    owner.role, bm.prefix_hits = "decode", 4
+    sampler.sample()
+    out = text()
+    for gauge in ("trisect_instances", "trisect_engine_running_sequences", "trisect_kv_blocks_used"):
+        assert f'{line(gauge, "prefill")} 0.0' in out, gauge
+    assert f'{line("trisect_instances", "decode")} 1.0' in out
+    assert f'{line("trisect_kv_blocks_used", "decode")} 4.0' in out
+    assert f'{line("trisect_prefix_cache_hit_blocks_total", "prefill")} 3.0' in out
+    assert f'{line("trisect_prefix_cache_hit_blocks_total", "decode")} 1.0' in out    # 4 in all, not 7
+    assert f'{line("trisect_prefix_cache_miss_blocks_total", "decode")} 0.0' in out   # exists from 0
