@@ -68,21 +68,34 @@ class StageClient:
         """`pin`: a replica id from the router; Serve falls back to its own choice if it is gone."""
         if not self.is_handle:
             return await getattr(self.target, method)(*args)
+        response = getattr(self._handle(pin), method).remote(*args)
         try:
-            return await getattr(self._handle(pin), method).remote(*args)
+            return await response
         except RayTaskError as e:
             raise stage_error(e) from e          # chained: the server log keeps Ray's traceback
+        except asyncio.CancelledError:
+            response.cancel()                    # awaiting it no more does not stop it: stop it
+            raise
 
     async def stream(self, method: str, *args, pin: str | None = None) -> AsyncIterator:
         if not self.is_handle:
             async for item in getattr(self.target, method)(*args):
                 yield item
             return
+        response, done = getattr(self._handle(pin, stream=True), method).remote(*args), False
         try:
-            async for item in getattr(self._handle(pin, stream=True), method).remote(*args):
+            async for item in response:
                 yield item
+            done = True
         except RayTaskError as e:
+            done = True                              # it ended there: nothing left to cancel
             raise stage_error(e) from e
+        finally:
+            if not done:
+                # left early (a deadline, a dropped client, an error further on): closing this
+                # generator does not stop the remote one, which would decode on to max_tokens
+                # holding its KV blocks — cancel it, so the stage aborts the request and frees them
+                response.cancel()
 
 
 @dataclass(slots=True)
