@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench chart clean
+.PHONY: install serve test bench chart prometheus clean
 
 install: $(STAMP)
 
@@ -19,8 +19,13 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/trisect serve $(ARGS)
 
-test: chart
+test: chart prometheus
 	$(PY) -m pytest -q tests --ignore=tests/chart $(ARGS)
+
+# The real-Prometheus check (tests/cluster/test_metrics_modes.py) needs Debian's `prometheus`:
+# installed here when missing (apt-get, as root or with passwordless sudo), never by hand.
+prometheus: install
+	$(PY) -m tests.cluster.prometheus_check
 
 bench: install
 	$(VENV)/bin/trisect bench engine $(ARGS)

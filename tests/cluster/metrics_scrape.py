@@ -40,3 +40,13 @@ def wait_for(url: str, check, timeout: float = 30, interval: float = 0.5):
                             for n, lab, val in samples if "trisect" in n})
             raise AssertionError(f"timed out; trisect samples: {names}")
         time.sleep(interval)
+
+
+def read_events(lines, n: int) -> int:
+    """Reads SSE lines until `n` `data:` events came (or the stream ended); how many came."""
+    seen = 0
+    for line in lines:
+        seen += line.startswith(b"data:")
+        if seen >= n:
+            break
+    return seen

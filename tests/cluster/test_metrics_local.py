@@ -8,7 +8,7 @@ from services.api_inputs import Limits
 from services.api_metrics import ApiMetrics
 from services.http_ingress import build_http_app
 from services.local_backend import LocalBackend
-from tests.cluster.metrics_scrape import scrape, total, wait_for
+from tests.cluster.metrics_scrape import read_events, scrape, total, wait_for
 from tests.cluster.test_metrics_modes import LONG, MAX_TOKENS, body
 from tests.integration.test_api_http import Server
 
@@ -28,7 +28,7 @@ def test_local_mode_exports_engine_and_request_series(tiny_llava, make_image):
         with requests.post(f"{server.url}/v1/chat/completions", json=body("a long story", max_tokens=LONG,
                            stream=True), stream=True, timeout=60) as streamed:
             lines = streamed.iter_lines()
-            assert sum(1 for _, line in zip(range(4), lines) if line.startswith(b"data:")) >= 3
+            assert read_events(lines, 3) == 3                     # it streams: tokens decoded
             wait_for(url, lambda s: total(s, "trisect_engine_running_sequences", **local) == 1
                      and total(s, "trisect_kv_blocks_used", **local) > 0
                      and total(s, "trisect_backend_running") == 1, timeout=10)

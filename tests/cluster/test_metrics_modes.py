@@ -1,29 +1,40 @@
 """Metrics from every stage through Ray's metrics export, in aggregated, pd and epd mode.
 
-One local Ray Serve (the module's cluster) serves each mode in turn. The same six requests go
-through each: three that finish (two with the same image), one invalid, one past its deadline and
-one long stream the client drops while it decodes. While that one decodes, the export shows it
-running on its engine with KV blocks held, and the ingress's own /metrics sees it too (it read 0
-before). Afterwards the request counts by final code, the latency histograms, token counts and
-each stage's series match what was sent. The epd app also carries the Prometheus-server check
-(tests/cluster/prometheus_check.py) and the log check: a request that fails in prefill is found
-by its id in the ingress's, the encoder's and the prefill replica's log.
+One local Ray Serve (the module's cluster) serves each mode in turn: aggregated and pd as separate
+stage deployments, epd with Redis — so with role switching, prefill and decode replicas of one
+LLMPool deployment. The same six requests go through each: three that finish (two with the same
+image), one invalid, one past its deadline and one long stream the client drops while it decodes.
+While that one decodes, the export shows it running on its engine with KV blocks held, and the
+ingress's own /metrics sees it too (it read 0 before). Afterwards the request counts by final
+code, the latency histograms, token counts and each stage's series match what was sent. The epd
+app also carries the log check (requests that fail in prefill, over HTTP and gRPC, with and
+without a client id, are found by their id in the ingress's, the encoder's and the LLM pool's
+logs and in the error returned), a live role switch (instances per role and switch counters),
+and the Prometheus-server check (tests/cluster/prometheus_check.py).
 """
-import glob
 import json
-import os
+import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import ray
 import requests
 from ray import serve
 
-from tests.cluster.metrics_scrape import scrape, total, wait_for, worker_ids
-from tests.cluster.prometheus_check import dashboard_queries_return_data
-from tests.cluster.test_serving_modes import data_url, deploy
+from cluster.config import ClusterConfig
+from cluster.redis_store import RedisStore
+from cluster.registry import Registry
+from services.app import build_app
+from services.client import build_request
+from services.proto import pb_grpc
+from tests.cluster.conftest import free_port
+from tests.cluster.metrics_scrape import read_events, scrape, total, wait_for, worker_ids
+from tests.cluster.prometheus_check import PrometheusServer
+from tests.cluster.request_logs import find_in_logs
+from tests.cluster.test_redis_serving import png_bytes
+from tests.cluster.test_serving_modes import data_url, deploy, wait_registered
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 8
@@ -60,7 +71,7 @@ def send_the_six(base: str, export: str, image, decode_role: str) -> None:
     with requests.post(f"{base}/v1/chat/completions", json=body("a long story", max_tokens=LONG, stream=True),
                        stream=True, timeout=60) as streamed:
         lines = streamed.iter_lines()
-        assert sum(1 for _, line in zip(range(4), lines) if line.startswith(b"data:")) >= 3
+        assert read_events(lines, 3) == 3                     # it streams: tokens decoded
         # it decodes now: the export shows it running on its engine, holding KV blocks
         wait_for(export, lambda s: (total(s, "ray_trisect_engine_running_sequences", role=decode_role) or 0) >= 1
                  and (total(s, "ray_trisect_kv_blocks_used", role=decode_role) or 0) > 0, timeout=20)
@@ -113,49 +124,94 @@ def check_series(export: str, mode: str, before: set[str]) -> None:
         assert fresh("ray_trisect_kv_transfer_failures_total", backend="objectstore") == 0
 
 
-def find_in_logs(rid: str, app: str, deployments: list[str], timeout: float = 20) -> dict[str, list[str]]:
-    logs = ray._private.worker._global_node.get_logs_dir_path()
-    end = time.monotonic() + timeout
-    while True:
-        found = {}
-        for d in deployments:
-            lines = []
-            for path in glob.glob(os.path.join(logs, "serve", f"replica_{app}_{d}_*.log")):
-                with open(path, errors="replace") as f:
-                    lines += [line for line in f if rid in line]
-            found[d] = lines
-        if all(found.values()) or time.monotonic() > end:
-            return found
-        time.sleep(0.5)
+def deploy_epd(serve_cluster, cache_dir, redis_url: str, grpc_port: int, name: str) -> str:
+    """epd with Redis (role switching: one LLMPool of a prefill and a decode replica) and gRPC; the
+    SLO controller off, so roles change only when the test asks (as `trisect roles set` does)."""
+    cfg = ClusterConfig(model="tiny-llava", mode="epd", cache_dir=str(cache_dir), grpc_port=grpc_port,
+                        redis_url=redis_url, kv_cache_memory_mib=32, rate_limit_per_s=1000, rate_limit_burst=1000,
+                        role_controller=False)
+    assert cfg.switching
+    serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
+    wait_registered(redis_url, 3)
+    return f"{serve_cluster}/{name}"
+
+
+def fails_in_prefill_and_logs_follow(base: str, app: str, grpc_port: int, image) -> None:
+    """Requests that fail in a stage (prefill: more KV than its engine has) are in every stage's
+    log that saw them — ingress, encoder, the LLM pool's prefill replica — under their id: the
+    client's over HTTP and over gRPC metadata, or the generated one; the error names it."""
+    stages = ["Ingress", "EncodeServer", "LLMPool"]
+    fail = body("fail in prefill", [image], 3500)
+    rid = f"trace-{uuid.uuid4().hex[:12]}"
+    r = requests.post(f"{base}/v1/chat/completions", json=fail, headers={"x-request-id": rid}, timeout=60)
+    assert r.status_code == 400 and rid in r.json()["error"]["message"], r.text
+    r = requests.post(f"{base}/v1/chat/completions", json=fail, timeout=60)      # no id: one is made
+    assert r.status_code == 400, r.text
+    made = re.search(r"\(request id (\S+)\)", r.json()["error"]["message"]).group(1)
+    grpc_rid = f"grpc-{uuid.uuid4().hex[:12]}"
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        call = pb_grpc.GenerationStub(channel).Generate(
+            build_request("fail in prefill", images=[png_bytes(image)], max_tokens=3500, temperature=0.0),
+            metadata=(("x-request-id", grpc_rid),), timeout=60)
+        with pytest.raises(grpc.RpcError) as failed:
+            list(call)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and grpc_rid in failed.value.details()
+    for an_id in (rid, made, grpc_rid):
+        found = find_in_logs(an_id, app, stages)
+        assert all(found.values()), json.dumps(found, indent=1)
+        # the prefill replica's lines say what failed there
+        assert any("KV blocks" in line or "ERROR" in line for line in found["LLMPool"]), found
+
+
+def switch_roles(redis_url: str, export: str, before: set[str], prometheus) -> None:
+    """The pool's prefill replica switches to decode and back: the instances per role and the
+    switch counters follow each switch."""
+    registry = Registry(RedisStore(redis_url))
+    (replica,) = [r.id for r in registry.live("prefill")]
+    switched = lambda s: total(s, "ray_trisect_role_switches_total", before, outcome="switched")
+    for n, (to, prefills) in enumerate((("decode", 0), ("prefill", 1)), 1):
+        registry.request_role(replica, to)
+        s = wait_for(export, lambda s: switched(s) == n and total(s, "ray_trisect_instances", before,
+                                                                  role="prefill") == prefills and s, timeout=30)
+        assert total(s, "ray_trisect_instances", before, role="decode") == 2 - prefills
+        assert total(s, "ray_trisect_role_switch_seconds_count", before, outcome="switched") == n
+        for outcome in ("cancelled", "failed"):
+            assert total(s, "ray_trisect_role_switches_total", before, outcome=outcome) == 0
+        if prometheus.proc is not None and n == 1:    # the server has the series before it moves again
+            prometheus.wait_for("ray_trisect_role_switch_seconds_count")
 
 
 @pytest.mark.parametrize("mode", ["aggregated", "pd", "epd"])
 def test_every_stage_exports_what_was_sent(serve_cluster, export, trisect_cache, make_image, request, mode):
     before = worker_ids(scrape(export))
-    extra = {"redis_url": request.getfixturevalue("redis_url"), "rate_limit_per_s": 1000,
-             "rate_limit_burst": 1000} if mode == "epd" else {}
-    base = deploy(serve_cluster, mode, "tiny-llava", trisect_cache, name=f"metrics-{mode}", **extra)
-    app = base.rsplit("/", 1)[1]
-    prometheus = dashboard_queries_return_data(export) if mode == "epd" else None
+    name = f"metrics-{mode}"
+    if mode == "epd":
+        redis_url, grpc_port = request.getfixturevalue("redis_url"), free_port()
+        base = deploy_epd(serve_cluster, trisect_cache, redis_url, grpc_port, name)
+    else:
+        base = deploy(serve_cluster, mode, "tiny-llava", trisect_cache, name=name)
+    prometheus = PrometheusServer(export) if mode == "epd" else None
     try:
-        if prometheus:
-            next(prometheus)                        # a Prometheus server scrapes from now on
+        if prometheus and prometheus.proc is not None:     # it scrapes the stages' series from now on
+            prometheus.wait_for("ray_trisect_instances")
+        started = time.monotonic()
         send_the_six(base, export, make_image(7), ROLES[mode][-1])
         check_series(export, mode, before)
         if mode != "epd":
             return
-        # a request that fails in a stage (prefill: more KV than its engine has) is in every
-        # stage's log that saw it, under the id the client sent, and the error names that id
-        rid = f"trace-{uuid.uuid4().hex[:12]}"
-        r = requests.post(f"{base}/v1/chat/completions", json=body("fail in prefill", [make_image(8)], 3500),
-                          headers={"x-request-id": rid}, timeout=60)
-        assert r.status_code == 400 and rid in r.json()["error"]["message"], r.text
-        found = find_in_logs(rid, app, ["Ingress", "EncodeServer", "PrefillServer"])
-        assert all(found.values()), json.dumps(found, indent=1)
-        assert any("KV blocks" in line or "ERROR" in line for line in found["PrefillServer"]), found
-        # ... and every dashboard query, evaluated by the Prometheus server, returns data
-        next(prometheus)
+        fails_in_prefill_and_logs_follow(base, name, grpc_port, make_image(8))
+        invalid = lambda s, transport: total(s, "ray_trisect_requests_total", before, transport=transport,
+                                             code="INVALID_ARGUMENT")
+        wait_for(export, lambda s: invalid(s, "grpc") == 1 and invalid(s, "http") == 3, timeout=15)
+        switch_roles(redis_url, export, before, prometheus)
+        # one more request, now that the server has every series: each rate and quantile moves
+        r = requests.post(f"{base}/v1/chat/completions", json=body("one more", [make_image(9)]), timeout=60)
+        assert r.status_code == 200, r.text
+        wait_for(export, lambda s: total(s, "ray_trisect_requests_total", before, transport="http", code="OK") == 4)
+        # ... and every dashboard query, evaluated by the Prometheus server, returns a number
+        results = prometheus.dashboard_results()
+        print(f"epd checks {time.monotonic() - started:.1f}s; dashboard queries with data: {len(results)}")
     finally:
         if prometheus:
             prometheus.close()
-        serve.delete(app)
+        serve.delete(name)
