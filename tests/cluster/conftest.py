@@ -21,8 +21,9 @@ def serve_cluster():
     port = free_port()
     # a bounded store, as `trisect serve` starts: prefill/decode replicas prefault all of it (256 MiB
     # is plenty for tiny-model KV; Ray's default, 30% of RAM, would make that seconds and gigabytes)
-    ray.init(num_cpus=2, resources={"encode_pool": 8, "prefill_pool": 8, "decode_pool": 8}, _temp_dir=tmp,
-             include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    # llm_pool: with Redis, pd/epd default to role switching (one LLMPool deployment on that pool)
+    ray.init(num_cpus=2, resources={"encode_pool": 8, "prefill_pool": 8, "decode_pool": 8, "llm_pool": 8},
+             _temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              object_store_memory=256 * 2**20,
              # replicas push metrics to the export port every second, not 10 (tests/cluster/test_metrics_*)
              _system_config={"metrics_report_interval_ms": 1000})

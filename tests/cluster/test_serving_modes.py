@@ -111,9 +111,11 @@ def test_modes_are_token_exact(serve_cluster, trisect_cache, request, make_image
                 assert e["parameters"] == vision < 0.2 * full, "encode replicas hold no LLM weights"
                 assert e["resources"].get("encode_pool") == 1
                 assert (e["stored_results"] > 0) == stored, e
-        pools = {"AggregatedServer": "prefill_pool", "PrefillServer": "prefill_pool", "DecodeServer": "decode_pool"}
+        pools = {"AggregatedServer": "prefill_pool", "PrefillServer": "prefill_pool", "DecodeServer": "decode_pool",
+                 "LLMPool": "llm_pool"}
+        # epd runs with Redis, so role switching is on by default: prefill and decode are one pool
         for stage in {"aggregated": ["AggregatedServer"], "pd": ["PrefillServer", "DecodeServer"],
-                      "epd": ["PrefillServer", "DecodeServer"]}[mode]:
+                      "epd": ["LLMPool"]}[mode]:
             for s in stage_stats(app, stage):
                 assert s["resources"].get(pools[stage]) == 1, s
                 assert s["free_blocks"] == s["total_blocks"] and s["handovers"] == 0 and s["senders"] == 0, s
