@@ -1,7 +1,8 @@
 """Resume from the journal: an ingress process is SIGKILLed mid-stream and its clients reconnect to
 another ingress with their request id and the count of tokens they hold — one over HTTP
-(`x-request-id`, `x-trisect-resume-from`), one over gRPC (the SDK's `resume_from`) — and get the
-rest of their streams, no gap, no repeated token, token-exact against the independent reference.
+(`x-request-id`, `x-trisect-resume-from`), two over gRPC (the SDK's `resume_from`) — and get the
+rest of their streams, no gap, no repeated token: the greedy ones token-exact against the independent
+reference, the sampled one exactly the journal's tokens (journaled before each delta is sent).
 
 Two real ingress processes (tests/integration/journal_ingress.py: ClusterBackend + an in-process
 aggregated stage, real HTTP and gRPC) share a real redis-server's journal. The killed one paces its
@@ -26,6 +27,7 @@ from services.errors import TrisectError
 from tests.reference import hf_greedy
 
 N, CUT = 48, 20                       # tokens per stream; the clients read at least CUT before the kill
+SAMPLED = {"temperature": 0.9, "seed": 7}
 PROMPTS = {"http": "tell me about the small red fox and the river", "grpc": "a tall green tree under a blue sky"}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,25 +94,27 @@ def test_clients_of_a_killed_ingress_resume_on_another_token_exact(ingresses, ti
     a, b, store = ingresses
     refs = {k: hf_greedy(tiny_llava, p, [], N) for k, p in PROMPTS.items()}
     rids = {k: f"resume-{k}-{uuid.uuid4().hex[:6]}" for k in PROMPTS}
-    reached = {k: threading.Event() for k in PROMPTS}
+    rids["sampled"] = f"resume-sampled-{uuid.uuid4().hex[:6]}"
+    reached = {k: threading.Event() for k in rids}
     got: dict[str, list[int]] = {}
 
     def over_http():
         _, got["http"] = http_stream(a.http, rids["http"], PROMPTS["http"],
                                      on_token=lambda n: n >= CUT and reached["http"].set())
 
-    def over_grpc():
-        got["grpc"] = []
+    def over_grpc(k="grpc", **sampling):
+        got[k] = []
         try:
             with TrisectClient(a.grpc, timeout=120) as c:
-                for d in c.stream(PROMPTS["grpc"], request_id=rids["grpc"], max_tokens=N, ignore_eos=True):
-                    got["grpc"] += d.token_ids
-                    if len(got["grpc"]) >= CUT:
-                        reached["grpc"].set()
+                for d in c.stream(PROMPTS["grpc"], request_id=rids[k], max_tokens=N, ignore_eos=True, **sampling):
+                    got[k] += d.token_ids
+                    if len(got[k]) >= CUT:
+                        reached[k].set()
         except TrisectError:
             pass                                   # UNAVAILABLE: the ingress died mid-stream
 
-    threads = [threading.Thread(target=f) for f in (over_http, over_grpc)]
+    threads = [threading.Thread(target=f) for f in (over_http, over_grpc,
+                                                     lambda: over_grpc("sampled", **SAMPLED))]
     for t in threads:
         t.start()
     for e in reached.values():
@@ -124,14 +128,22 @@ def test_clients_of_a_killed_ingress_resume_on_another_token_exact(ingresses, ti
         # left as the dead ingress wrote it: open, its tokens a prefix of the true output
         assert entry.state == "running" and entry.tokens == refs[k][:len(entry.tokens)], (k, entry)
 
-    print(f"killed mid-stream: clients held {[len(got[k]) for k in PROMPTS]} tokens, the journal "
-          f"{[len(store.journal_read(rids[k]).tokens) for k in PROMPTS]} (of {N})")
+    # a sampled request is journaled before each delta is sent: the journal holds all the client has
+    sampled = store.journal_read(rids["sampled"]).tokens
+    assert CUT <= len(got["sampled"]) <= len(sampled) and sampled[:len(got["sampled"])] == got["sampled"]
+    print(f"killed mid-stream: clients held {[len(got[k]) for k in rids]} tokens, the journal "
+          f"{[len(store.journal_read(rids[k]).tokens) for k in rids]} (of {N})")
     status, rest_http = http_stream(b.http, rids["http"], PROMPTS["http"], resume_from=len(got["http"]))
     with TrisectClient(b.grpc, timeout=120) as c:
         rest_grpc = [t for d in c.stream(PROMPTS["grpc"], request_id=rids["grpc"], resume_from=len(got["grpc"]),
                                          max_tokens=N, ignore_eos=True) for t in d.token_ids]
+        rest_sampled = [t for d in c.stream(PROMPTS["grpc"], request_id=rids["sampled"], max_tokens=N, ignore_eos=True,
+                                            resume_from=len(got["sampled"]), **SAMPLED) for t in d.token_ids]
     assert status == 200
     assert got["http"] + rest_http == refs["http"], (len(got["http"]), rest_http)
+    # sampled: no gap, no repeat — what the client holds is exactly the journal's whole request
+    final = store.journal_read(rids["sampled"])
+    assert final.state == "finished:length" and got["sampled"] + rest_sampled == final.tokens and len(final.tokens) == N
     assert got["grpc"] + rest_grpc == refs["grpc"], (len(got["grpc"]), rest_grpc)
     for k in PROMPTS:
         entry = store.journal_read(rids[k])
