@@ -10,8 +10,9 @@ server go idle and sample again: `baseline`. Run closed-loop load — `--concurr
 sending the seeded trace's requests one after another — for the rest of `--minutes`, sampling every
 `--sample-every` s under a progress bar; then stop sending, wait until the server is idle and sample:
 `after`. It prints RSS per process, open descriptors, KV blocks used and Redis keys over time and at
-start / baseline / after, and judges from baseline to after: no KV block held, no new descriptor,
-no new TTL-less Redis key, total RSS growth under `--max-rss-growth` (%), no failed request. Exit
+start / baseline / after, and judges from baseline to after: no KV block held, no new descriptor and
+RSS growth under `--max-rss-growth` (%) over the processes alive at both, no process more, no new
+TTL-less Redis key, no failed request. Exit
 status 1 when any of these fails; `--json` keeps every sample.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -27,7 +29,7 @@ from tqdm import tqdm
 
 from services.bench import loadgen, trace
 from services.bench.probe import Probe, Sample
-from services.bench.servers import MODES, TrisectServer
+from services.bench.servers import MODES, TrisectServer, free_port
 
 MIB = 2**20
 
@@ -151,15 +153,21 @@ def _redis_url(log_path: str) -> str | None:
 
 
 def verdict(run: dict, max_growth_pct: float) -> dict[str, tuple[bool, str]]:
+    """Baseline -> after. RSS and descriptors are compared over the processes alive at both (Ray
+    starts and retires workers); a process more than at baseline is its own failed check."""
     b, a = run["baseline"], run["after"]
-    growth = 100.0 * (a.rss - b.rss) / b.rss
+    both = {p.pid for p in b.procs} & {p.pid for p in a.procs}
+    rss_b, rss_a = (sum(p.rss for p in s.procs if p.pid in both) for s in (b, a))
+    fds_b, fds_a = (sum(p.fds for p in s.procs if p.pid in both) for s in (b, a))
+    growth = 100.0 * (rss_a - rss_b) / rss_b
     checks = {
         "kv_blocks": (a.backend.get("kv_blocks_used", 0) == 0 and a.backend.get("in_flight", 0) == 0,
                       f"{a.backend.get('kv_blocks_used', 0):.0f} KV blocks used, "
                       f"{a.backend.get('in_flight', 0):.0f} in flight after"),
-        "fds": (a.fds <= b.fds, f"open descriptors {b.fds} -> {a.fds}"),
-        "rss": (growth < max_growth_pct, f"total RSS {b.rss / MIB:.1f} -> {a.rss / MIB:.1f} MiB ({growth:+.2f}%, "
+        "fds": (fds_a <= fds_b, f"open descriptors {fds_b} -> {fds_a}"),
+        "rss": (growth < max_growth_pct, f"total RSS {rss_b / MIB:.1f} -> {rss_a / MIB:.1f} MiB ({growth:+.2f}%, "
                                          f"limit {max_growth_pct:g}%)"),
+        "processes": (len(a.procs) <= len(b.procs), f"processes {len(b.procs)} -> {len(a.procs)}"),
         "requests": (run["failed"] == 0 and run["ok"] > 0, f"{run['ok']} ok, {run['failed']} failed"),
     }
     if b.redis_keys is not None:
@@ -193,6 +201,8 @@ def report(run: dict, checks: dict) -> str:
 
 def run(args) -> tuple[dict, dict]:
     requests = build_requests(args)
+    if args.mode != "local":        # the Ray head's metrics export port: not 8080, which another may hold
+        os.environ.setdefault("TRISECT_METRICS_EXPORT_PORT", str(free_port()))
     print(f"starting trisect serve --mode {args.mode} on loopback ...", file=sys.stderr, flush=True)
     with TrisectServer(args.mode, args.model, tuple(args.serve_arg)) as server:
         result = asyncio.run(soak(args, server, requests))
