@@ -13,6 +13,8 @@ process's stage series (all of them in `--mode local`).
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -56,6 +58,8 @@ class ApiMetrics:
         self.e2e = Histogram(m.E2E.name, m.E2E.doc, ["transport"], buckets=m.E2E.buckets, registry=r)
         if backend is not None:
             r.register(_BackendCollector(backend))
+        # (monotonic time, TTFT s, TPOT s or None) of recent requests: the role controller's SLO signal
+        self.recent: deque[tuple[float, float, float | None]] = deque(maxlen=1024)
 
     def finished(self, transport: str, final: GenerateDelta) -> None:
         self._count(transport, "OK")
@@ -67,11 +71,21 @@ class ApiMetrics:
                 ray_series.inc(n, transport=transport)
         if timings is not None:
             self._observe(self.ttft, m.TTFT, transport, timings.ttft_ms / 1e3)
+            many = usage is not None and usage.completion_tokens > 1
+            self.recent.append((time.monotonic(), timings.ttft_ms / 1e3, timings.tpot_ms / 1e3 if many else None))
             if usage is not None:
                 gaps = max(usage.completion_tokens - 1, 0)
                 self._observe(self.e2e, m.E2E, transport, (timings.ttft_ms + timings.tpot_ms * gaps) / 1e3)
                 if gaps:
                     self._observe(self.tpot, m.TPOT, transport, timings.tpot_ms / 1e3)
+
+    def recent_latency(self, window_s: float = 10.0) -> tuple[float | None, float | None]:
+        """p90 TTFT and p90 TPOT (s) of the requests finished in the last `window_s` (None: none)."""
+        since = time.monotonic() - window_s
+        ttft = sorted(t for at, t, _ in list(self.recent) if at >= since)
+        tpot = sorted(t for at, _, t in list(self.recent) if at >= since and t is not None)
+        p90 = lambda xs: xs[min(len(xs) - 1, int(0.9 * len(xs)))] if xs else None
+        return p90(ttft), p90(tpot)
 
     def failed(self, transport: str, code: str) -> None:
         self._count(transport, code)
