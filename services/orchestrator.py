@@ -188,6 +188,13 @@ class Orchestrator:
             try:
                 first = await self.stages.prefill.call("prefill", rid, token_ids + generated, left, images,
                                                         None if images is not None else pixels, pin=route.prefill)
+            except asyncio.CancelledError:
+                # cut while prefilling (deadline, client gone): the call is cancelled, but the prefill
+                # may have finished already, its KV held for a ticket nobody will receive — free it
+                # now, not when the reaper's transfer timeout passes. A task: we are being cancelled.
+                asyncio.ensure_future(self.stages.prefill.call("release", rid, False, "cancelled during prefill",
+                                                               pin=route.prefill))
+                raise
             except Exception as e:
                 if not lost_instance(e) or attempt == self.max_retries:
                     raise                            # bad input fails the same way anywhere: no retry
