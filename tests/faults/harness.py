@@ -51,10 +51,10 @@ def fault_cluster(trisect_cache):
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")     # short: Ray's socket paths are length-limited
     port, grpc_port = free_port(), free_port()
     with RedisServer() as redis:
-        ray.init(num_cpus=2, resources={"encode_pool": 8, "prefill_pool": 8, "decode_pool": 8}, _temp_dir=tmp,
-                 include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 object_store_memory=256 * 2**20)
         try:
+            ray.init(num_cpus=2, resources={"encode_pool": 8, "prefill_pool": 8, "decode_pool": 8}, _temp_dir=tmp,
+                     include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                     object_store_memory=256 * 2**20)
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             cfg = ClusterConfig(model="tiny-llava", mode="epd", cache_dir=str(trisect_cache), redis_url=redis.url,
                                 role_switching=False, grpc_port=grpc_port, kv_cache_memory_mib=KV_CACHE_MIB,
@@ -65,7 +65,8 @@ def fault_cluster(trisect_cache):
             wait_replaced(redis.url, set(), timeout=120)
             yield Faults(f"http://127.0.0.1:{port}/{APP}", f"127.0.0.1:{grpc_port}", redis.url)
         finally:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
             ray.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
 
