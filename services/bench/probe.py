@@ -117,8 +117,8 @@ def backend_gauges(base_url: str) -> dict[str, float]:
 
 
 class Probe:
-    def __init__(self, pid: int, base_url: str, redis_url: str | None = None):
-        self.pid, self.base_url = pid, base_url
+    def __init__(self, pid: int, base_url: str, redis_url: str | None = None, redis_match: str = "*"):
+        self.pid, self.base_url, self.redis_match = pid, base_url, redis_match
         self.redis = None
         if redis_url:
             import redis
@@ -128,7 +128,7 @@ class Probe:
     def sample(self) -> Sample:
         s = Sample(time.monotonic() - self.t0, process_tree(self.pid), backend_gauges(self.base_url))
         if self.redis is not None:
-            keys = list(self.redis.scan_iter(count=1000))
+            keys = list(self.redis.scan_iter(match=self.redis_match, count=1000))
             pipe = self.redis.pipeline(transaction=False)
             for k in keys:
                 pipe.pttl(k)

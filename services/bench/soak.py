@@ -4,7 +4,7 @@
     trisect bench soak --minutes 10 --mode aggregated     # Ray + Serve + a private redis-server
 
 Life of a run: start `trisect serve --mode MODE` on free loopback ports (services/bench/servers.py;
-nothing is reachable from off the machine) and sample it (services/bench/probe.py): `start`. Warm up
+nothing is reachable from off the machine), or `--attach` to a running loopback one, and sample it (services/bench/probe.py): `start`. Warm up
 with the same load for `--warmup-s` (first-call costs, allocator arenas, connection pools), let the
 server go idle and sample again: `baseline`. Run closed-loop load — `--concurrency` clients, each
 sending the seeded trace's requests one after another — for the rest of `--minutes`, sampling every
@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -48,6 +49,10 @@ def parse_args(argv):
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--max-rss-growth", type=float, default=5.0, help="%% of total RSS allowed, baseline to after")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `trisect serve` argument; repeatable")
+    ap.add_argument("--attach", metavar="URL", help="soak this running loopback server instead of starting one")
+    ap.add_argument("--pid", type=int, help="with --attach: the server's process id (its tree is sampled)")
+    ap.add_argument("--redis-url", help="with --attach: the Redis it keeps its keys in")
+    ap.add_argument("--redis-match", default="*", help="count only Redis keys matching this pattern")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args(argv)
@@ -57,6 +62,8 @@ def parse_args(argv):
         args.warmup_s = min(120.0, 0.2 * args.minutes * 60)
     if not 0 <= args.warmup_s < args.minutes * 60:
         ap.error("--warmup-s must be shorter than --minutes")
+    if args.attach and (args.pid is None or urlsplit(args.attach).hostname not in ("127.0.0.1", "localhost", "::1")):
+        ap.error("--attach needs a loopback URL and --pid")
     return args
 
 
@@ -113,14 +120,14 @@ async def loaded(base_url: str, requests, concurrency: int, seconds: float, tall
     await asyncio.sleep(1.0)                # the server closes its side of those connections
 
 
-async def soak(args, server: TrisectServer, requests) -> dict:
-    probe = Probe(server.proc.pid, server.base_url, _redis_url(server.log_path))
+async def soak(args, base_url: str, pid: int, redis_url: str | None, requests) -> dict:
+    probe = Probe(pid, base_url, redis_url, args.redis_match)
     tally = {"ok": 0, "failed": 0, "errors": []}
     samples: list[Sample] = []
     try:
         start = await asyncio.to_thread(probe.sample)
         if args.warmup_s:
-            await loaded(server.base_url, requests, args.concurrency, args.warmup_s, tally)
+            await loaded(base_url, requests, args.concurrency, args.warmup_s, tally)
         baseline = await wait_idle(probe)
         warm = {"ok": tally["ok"], "failed": tally["failed"]}
         main_s = args.minutes * 60 - args.warmup_s
@@ -135,7 +142,7 @@ async def soak(args, server: TrisectServer, requests) -> dict:
                 s = samples[-1]
                 bar.set_postfix(rss=f"{s.rss / MIB:.0f}M", fds=s.fds, kv=int(s.backend.get("kv_blocks_used", 0)),
                                 ok=tally["ok"] - warm["ok"], failed=tally["failed"])
-        await loaded(server.base_url, requests, args.concurrency, main_s, tally, tick)
+        await loaded(base_url, requests, args.concurrency, main_s, tally, tick)
         bar.close()
         after = await wait_idle(probe)
     finally:
@@ -203,9 +210,12 @@ def run(args) -> tuple[dict, dict]:
     requests = build_requests(args)
     if args.mode != "local":        # the Ray head's metrics export port: not 8080, which another may hold
         os.environ.setdefault("TRISECT_METRICS_EXPORT_PORT", str(free_port()))
+    if args.attach:
+        result = asyncio.run(soak(args, args.attach, args.pid, args.redis_url, requests))
+        return result, verdict(result, args.max_rss_growth)
     print(f"starting trisect serve --mode {args.mode} on loopback ...", file=sys.stderr, flush=True)
     with TrisectServer(args.mode, args.model, tuple(args.serve_arg)) as server:
-        result = asyncio.run(soak(args, server, requests))
+        result = asyncio.run(soak(args, server.base_url, server.proc.pid, _redis_url(server.log_path), requests))
     return result, verdict(result, args.max_rss_growth)
 
 

@@ -4,7 +4,8 @@
 
 Life: ClusterBackend (the ingress's own backend: journal and all) over an orchestrator whose
 aggregated stage is an in-process LLMServer, behind the real HTTP and gRPC front doors on free
-loopback ports; the journal is the real one on the given redis-server. It prints
+loopback ports (its /metrics shows the stage's KV blocks); the journal is the real one on the given
+redis-server. It prints
 `ready HTTP_PORT GRPC_PORT` and serves until killed — the test SIGKILLs it mid-stream, as an
 ingress replica dies. TOKEN_DELAY_S paces the stage's token stream (sleep per engine step) so a
 stream is provably still running when the test kills the process, on a machine of any speed.
@@ -28,6 +29,8 @@ async def main(redis_url: str, namespace: str, delay_s: float) -> None:
     from services.http_ingress import build_http_app
     from services.ingress_redis import Journal
     from services.orchestrator import Orchestrator, StageClient, Stages
+    from services.api_metrics import ApiMetrics
+    from services.stage_loads import StageLoads
 
     class PacedStage:
         def __init__(self, stage):
@@ -38,13 +41,19 @@ async def main(redis_url: str, namespace: str, delay_s: float) -> None:
                 await asyncio.sleep(delay_s)
                 yield item
 
+        def __getattr__(self, name):          # stats() and the rest: the stage's own
+            return getattr(self.stage, name)
+
     stage = LLMServer("tiny-llava", "aggregated", {"num_kv_blocks": 96, "max_model_len": 256}, transfer="fake")
-    orch = Orchestrator("aggregated", Stages(aggregated=StageClient(PacedStage(stage), is_handle=False)))
+    client = StageClient(PacedStage(stage), is_handle=False)
+    orch = Orchestrator("aggregated", Stages(aggregated=client))
     frontend = load_model("tiny-llava", frontend_only=True)
     backend = ClusterBackend(frontend, orch, "tiny-llava",
                              journal=Journal(RedisStore(StoreConfig(url=redis_url, namespace=namespace))))
+    backend.loads = StageLoads({"aggregated": client}).start()     # the stage's queues and KV, in /metrics
     grpc_server = await start_grpc_server(backend)
-    http = uvicorn.Server(uvicorn.Config(build_http_app(backend), host="127.0.0.1", port=0, log_level="warning"))
+    http = uvicorn.Server(uvicorn.Config(build_http_app(backend, metrics=ApiMetrics(backend)), host="127.0.0.1",
+                                         port=0, log_level="warning"))
     task = asyncio.create_task(http.serve())
     while not http.started:
         await asyncio.sleep(0.05)
