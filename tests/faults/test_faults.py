@@ -96,7 +96,7 @@ def test_prefix_affinity_hashes_the_ingress_computes_are_the_ones_the_engine_pub
     join_all([t], 60)
     assert out.error is None and out.tokens == expected
     # the engine that served it published its prompt blocks: exactly the ingress's chain, all of it
-    wait_for(lambda: store.route_snapshot(block_hashes=hashes).prefix_depth == {prefill_id: len(hashes)}, 10,
+    wait_for(lambda: store.route_snapshot(block_hashes=hashes).prefix_depth.get(prefill_id) == len(hashes), 10,
              "the prefill engine's published prefix")
     decision = Router(store, RouterConfig(mode="disaggregated", commit=False)).route(RouteRequest([], hashes))
     assert decision.prefill == prefill_id
