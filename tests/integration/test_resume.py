@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -75,6 +76,14 @@ def http_stream(port: int, rid: str, prompt: str, resume_from=None, on_token=Non
     finally:
         conn.close()
     return 200, got
+
+
+def closed(store, rid: str, wait_s: float = 30):
+    """The journal entry once its ingress has closed it (the close is a task after the stream ends)."""
+    end = time.monotonic() + wait_s
+    while (entry := store.journal_read(rid)).state == "running" and time.monotonic() < end:
+        time.sleep(0.05)
+    return entry
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +151,11 @@ def test_clients_of_a_killed_ingress_resume_on_another_token_exact(ingresses, ti
     assert status == 200
     assert got["http"] + rest_http == refs["http"], (len(got["http"]), rest_http)
     # sampled: no gap, no repeat — what the client holds is exactly the journal's whole request
-    final = store.journal_read(rids["sampled"])
+    final = closed(store, rids["sampled"])
     assert final.state == "finished:length" and got["sampled"] + rest_sampled == final.tokens and len(final.tokens) == N
     assert got["grpc"] + rest_grpc == refs["grpc"], (len(got["grpc"]), rest_grpc)
     for k in PROMPTS:
-        entry = store.journal_read(rids[k])
+        entry = closed(store, rids[k])
         assert entry.state == "finished:length" and entry.tokens == refs[k]
         assert 0 < store.client.pttl(store.key("job", rids[k])) <= 60_000   # a closed journal expires
 
