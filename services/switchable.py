@@ -18,6 +18,8 @@ controller or `trisect roles set`); a different one starts a switch, in its own 
   A drain is cancelled when the request is withdrawn (or changed); a failure leaves the instance
   ACTIVE in its old role. Every switch's duration and outcome is kept (`stats()["switches"]`) and
   counted in `trisect_role_switches_total` and observed in `trisect_role_switch_seconds`.
+When Serve removes the replica (scale-down) the watcher sees it STOPPING and drains it the same
+way, for good (services/scale_down.py); `__del__` then leaves the registry.
 Work that reaches an instance no longer in the role (routed just before the switch began):
 a decode call is forwarded unimported ({"moved", "from": None}); a prefill is served only while
 the engine still prefills (the drain waits a grace period for such late arrivals).
@@ -37,7 +39,7 @@ from cluster.role_switcher import LLM_POOL
 from cluster.roles import Role, RoleMachine, RoleState
 from decoders.config import EngineConfig
 from decoders.engine import StepOutput
-from services import stage_metrics
+from services import scale_down, stage_metrics
 from services.deployments import LLMServer, _replica_id
 from services.follow import NotInRole
 
@@ -100,6 +102,7 @@ class SwitchableLLMServer(LLMServer):
         self._switch_thread: threading.Thread | None = None
         stage_metrics.role_switching()
         self.agent.set_role(role, RoleState.ACTIVE)
+        self.leaving = False                     # Serve is removing this replica (services/scale_down.py)
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name=f"roles-{iid}", daemon=True)
         self._watcher.start()
@@ -117,7 +120,7 @@ class SwitchableLLMServer(LLMServer):
 
     # ---- serving ---------------------------------------------------------------------------------
     def _takes(self, role: Role) -> bool:
-        return self.machine.role is role and self.machine.state is RoleState.ACTIVE
+        return self.machine.role is role and self.machine.state is RoleState.ACTIVE and not self.leaving
 
     async def prefill(self, rid, token_ids, sampling, images=None, pixels=None) -> dict:
         if self.engine.config.role != "prefill":    # routed on a stale view: the orchestrator re-routes
@@ -185,9 +188,17 @@ class SwitchableLLMServer(LLMServer):
         return sorted(live, key=lambda r: ((r.load.waiting + r.load.running) / r.info.capacity, r.id))
 
     def _watch(self) -> None:
+        ticks = 0
         while not self._stop.wait(self.interval_s):
+            ticks += 1
             try:
+                if self.leaving:
+                    continue
                 self.agent.update_load(self._load(), flush=True)
+                if ticks % 4 == 0 and scale_down.serve_is_stopping(self.instance_id):
+                    self.leaving = True
+                    threading.Thread(target=scale_down.leave, args=(self,), daemon=True).start()
+                    continue
                 want = self.agent.desired_role
                 if want is None or self._switch_thread is not None or self.machine.state is not RoleState.ACTIVE:
                     continue

@@ -188,3 +188,67 @@ def test_prefill_and_decode_switch_mid_stream_token_exact_with_kv_moves(pool_clu
               + f", checks {time.monotonic() - t0 - sum(took.values()):.0f}")
     finally:
         serve.delete(app)
+
+
+def sized_app(cfg, llm_replicas: int):
+    """build_app(cfg) with the pool at `llm_replicas` and one fixed code version: redeploying it
+    then changes the replica count and nothing else, as Serve's autoscaler does (by default each
+    serve.run is a new version, and Serve would replace every replica: a rolling restart)."""
+    app = build_app(cfg)
+    ingress = app._bound_deployment
+    pool = ingress.init_kwargs["prefill"]._bound_deployment
+    ingress._version = pool._version = "v1"
+    pool._deployment_config.num_replicas = llm_replicas
+    return app
+
+
+def test_scale_down_under_load_drains_first_and_loses_no_request(pool_cluster, redis_url, trisect_cache, tiny_llava,
+                                                                 make_image):
+    """Serve removes one of 4 pool replicas (what its autoscaler does: same code and arguments,
+    a lower replica count) in the middle of 16 streamed requests: the removed replica leaves
+    routing first (DRAINING in the registry, running decodes moved out), every stream ends
+    token-exact, the registry ends with the 3 others ACTIVE and every KV block free."""
+    url, app, n_tokens = redis_url, "scale-down", 48
+    cfg = ClusterConfig(model="tiny-llava", mode="pd", cache_dir=str(trisect_cache), grpc_port=None, redis_url=url,
+                        kv_cache_memory_mib=64, role_switching=True, role_controller=False,
+                        stages={"prefill": {"replicas": 2}, "decode": {"replicas": 2}})
+    cases = [(f"scale down request {i}", [make_image(700 + 10 * i + k) for k in range(i % 3)]) for i in range(16)]
+    expected = [hf_greedy(tiny_llava, t, imgs, n_tokens) for t, imgs in cases]
+    serve.run(sized_app(cfg, 4), name=app, route_prefix=f"/{app}")
+    base = f"{pool_cluster}/{app}"
+    try:
+        before = {r.id for r in wait_for(lambda: all_active(url), 180, "4 ACTIVE pool instances")}
+        progress: dict = {}
+        seen: dict[str, set] = {}                 # instance -> states seen while scaling down
+        with ThreadPoolExecutor(len(cases) + 1) as pool:
+            futures = [pool.submit(stream_chat, base, t, imgs, n_tokens, progress, k)
+                       for k, (t, imgs) in enumerate(cases)]
+            wait_for(lambda: sum(1 for n in progress.values() if 2 <= n < n_tokens) >= 8, 180, "8 streams decoding")
+            shrink = pool.submit(serve.run, sized_app(cfg, 3), name=app, route_prefix=f"/{app}")
+            at_shrink = dict(progress)
+
+            def shrunk():
+                recs = pool_records(url)
+                for r in recs:
+                    seen.setdefault(r.id, set()).add(r.state.value)
+                return len(recs) == 3 and all(r.routable for r in recs)
+            wait_for(shrunk, 180, "the pool down to 3 ACTIVE instances")
+            shrink.result(timeout=180)
+            got = [f.result(timeout=300) for f in futures]
+        for k, ((text, imgs), tokens) in enumerate(zip(cases, got)):
+            assert tokens == expected[k], (k, text, len(imgs))
+        after = {r.id for r in pool_records(url)}
+        assert len(before - after) == 1 and after < before, (before, after, seen)
+        (removed,) = before - after
+        assert "draining" in seen[removed], ("the removed replica left routing before it went", seen)
+        def quiet():
+            st = all_stats(app, sorted(after))
+            return all(s["free_blocks"] == s["total_blocks"] and not s["senders"] and not s["handovers"]
+                       for s in st.values()) and st
+        stats = wait_for(quiet, 60, "all KV blocks free")
+        assert sum(s.get("recomputed", 0) for s in stats.values()) == 0
+        print(f"scale-down: removed {removed} (states seen {sorted(seen[removed])}); KV imports on the others "
+              f"{sum(s.get('kv_imports', 0) for s in stats.values())}; tokens per stream when it began "
+              f"{sorted(at_shrink.values())}")
+    finally:
+        serve.delete(app)
