@@ -49,6 +49,10 @@ class StageConfig:
     num_cpus: float = 0.0                  # pools, not CPUs, decide placement
     num_gpus: float = 0.0
     threads: int | None = None             # torch threads inside the replica
+    # how long a call to this stage may wait for Serve to give it a replica (none alive: Serve holds
+    # it until a replacement is up) before the request fails UNAVAILABLE; scaling from zero
+    # (min_replicas 0) needs more than a replica's start-up time
+    unavailable_after_s: float = 10.0
 
     def __post_init__(self):
         if self.replicas < 0:
@@ -59,6 +63,9 @@ class StageConfig:
             raise ValueError("need 0 <= min_replicas <= max_replicas")
         if self.target_ongoing_requests <= 0 or self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("target_ongoing_requests must be > 0; num_cpus/num_gpus >= 0")
+        if isinstance(self.unavailable_after_s, bool) or not isinstance(self.unavailable_after_s, (int, float)) \
+                or not self.unavailable_after_s > 0:
+            raise ValueError(f"unavailable_after_s must be a number of seconds > 0, got {self.unavailable_after_s!r}")
 
     @property
     def autoscaling(self) -> dict | None:

@@ -62,7 +62,9 @@ class Ingress:
 
         cfg = ClusterConfig.from_dict(config)
         handles = {"aggregated": aggregated, "encode": encode, "prefill": prefill, "decode": decode}
-        stages = Stages(**{k: StageClient(h, is_handle=True) for k, h in handles.items() if h is not None})
+        stages = Stages(**{k: StageClient(h, is_handle=True, name=k,
+                                          unavailable_after_s=cfg.stages[k].unavailable_after_s)
+                           for k, h in handles.items() if h is not None})
         frontend = load_model(cfg.model, cache_dir=cfg.cache_dir, frontend_only=True)
         router = None
         if cfg.redis_url:

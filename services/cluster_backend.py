@@ -10,7 +10,8 @@ orchestration; cancellation travels down the Serve handles, so every stage abort
 Errors keep their meaning across Ray (`client_error`): a TrisectError a stage raised passes as is;
 a stage queue over its bound (Serve's BackPressureError) is RESOURCE_EXHAUSTED with a retry-after;
 a ValueError (an engine's admission checks: prompt or KV need too big for it) is INVALID_ARGUMENT
-with the stage's own message; a lost instance that retries could not replace is UNAVAILABLE;
+with the stage's own message; a lost instance that retries could not replace is UNAVAILABLE, and
+so is a stage with no replica to take a call within its `unavailable_after_s` (StageUnavailable);
 anything else is a bug: INTERNAL with a generic message naming the request id, the detail (with
 Ray's remote traceback) in this replica's log.
 """
@@ -29,7 +30,7 @@ from services.api_types import GenerateRequest
 from services.api_wire import RESUME_HEADER
 from services.backend import BackendStats, InFlight, until_deadline
 from services.errors import ErrorCode, TrisectError, invalid
-from services.orchestrator import Orchestrator, TransferFailed, lost_instance, stage_error
+from services.orchestrator import Orchestrator, StageUnavailable, TransferFailed, lost_instance, stage_error
 from services.response import ResponseBuilder
 from services.resume import fingerprint, journal_every, resume_point
 from services.stage_loads import Totals
@@ -46,6 +47,9 @@ def client_error(e: Exception, request_id: str) -> TrisectError:
     if isinstance(e, BackPressureError):       # a stage's bounded queue (max_queued_requests) is full
         return TrisectError(ErrorCode.RESOURCE_EXHAUSTED, "server busy: a stage's queue is full; retry after "
                             f"{e.retry_after_s or 1:g} s", retry_after_s=e.retry_after_s or 1.0)
+    if isinstance(e, StageUnavailable):         # its message names the stage and the wait, no Ray internals
+        log.warning("request %s: %s", request_id, e)
+        return TrisectError(ErrorCode.UNAVAILABLE, str(e))
     if isinstance(e, TimeoutError):
         return TrisectError(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it finished; "
                             "it was aborted on every stage")
@@ -126,7 +130,7 @@ class ClusterBackend:
                     return
             left = replace(sampling, max_tokens=sampling.max_tokens - len(tokens))
             stream = self.orchestrator.run(point.stage_id(rid) if point else rid, prepared.token_ids + tokens,
-                                           left, pixels)
+                                           left, pixels, deadline=req.deadline)
             if self.journal and point:
                 await self.journal.touch(rid, "running")
             elif self.journal:

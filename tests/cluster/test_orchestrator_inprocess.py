@@ -61,6 +61,7 @@ async def collect(orch, rid, loaded, text, images, n):
     tokens = []
     async for item in orch.run(rid, prepared.token_ids, SamplingParams(max_tokens=n, ignore_eos=True), pixels):
         tokens += item["tokens"]
+    await orch.released()                           # prefill's release runs as a task
     return tokens
 
 
@@ -91,8 +92,13 @@ def test_transfer_that_always_fails_ends_in_an_error_and_frees(servers, tiny_lla
     prefill.sender_cls, decode.receiver_cls = VanishingShmSender, shm.ShmReceiver
     VanishingShmSender.budget = 99
     orch = orchestrator(prefill, decode, retries=1)
-    with pytest.raises(TransferFailed, match="No such file"):
-        asyncio.run(collect(orch, "doomed", tiny_llava, "hello", [], 8))
+
+    async def main():
+        with pytest.raises(TransferFailed, match="No such file"):
+            await collect(orch, "doomed", tiny_llava, "hello", [], 8)
+        await orch.released()                       # the last release runs as a task
+
+    asyncio.run(main())
     assert orch.transfer_failures == 2
     asyncio.run(assert_nothing_held(prefill, decode))
 
@@ -291,3 +297,63 @@ def test_reaper_frees_blocks_of_a_transfer_nobody_acks(trisect_cache, tiny_llava
         assert not os.path.exists(f"/dev/shm/{first['ticket']['segment']}"), "a timed-out segment is retired"
     finally:
         server.loop.close()
+
+
+class StuckRelease:
+    """A prefill stage whose `release` calls hang until `unstick` — as a call to a dead replica waits
+    in Serve's handle for its replacement — then reach the real server."""
+
+    def __init__(self, server):
+        self.server, self.gate, self.waiting = server, None, 0
+
+    async def prefill(self, *args):
+        return await self.server.prefill(*args)
+
+    async def release(self, *args):
+        self.gate = self.gate or asyncio.Event()
+        self.waiting += 1
+        await self.gate.wait()
+        return await self.server.release(*args)
+
+
+def test_a_release_that_never_answers_does_not_hold_the_stream(servers, tiny_llava):
+    prefill, decode = servers
+    prefill.sender_cls, decode.receiver_cls = FakeSender, FakeReceiver
+    stuck = StuckRelease(prefill)
+    orch = Orchestrator("pd", Stages(prefill=StageClient(stuck, is_handle=False), decode=StageClient(decode, is_handle=False)))
+
+    async def main():
+        prepared = prepare_prompt(tiny_llava, "release me later", [])
+        tokens = [t async for item in orch.run("stuck", prepared.token_ids, SamplingParams(max_tokens=12, ignore_eos=True),
+                                              []) for t in item["tokens"]]
+        assert stuck.waiting == 1 and orch.releases     # the stream ended while its release still hangs
+        stuck.gate.set()
+        await orch.released()
+        return tokens
+
+    assert asyncio.run(main()) == hf_greedy(tiny_llava, "release me later", [], 12)
+    asyncio.run(assert_nothing_held(prefill, decode))
+
+
+class DyingEncode(CountingEncode):
+    """An encoder whose first call fails as a killed replica's does."""
+
+    async def encode(self, items):
+        self.calls += 1
+        if self.calls == 1:
+            raise ActorDiedError()
+        return await self.server.encode(items)
+
+
+def test_a_lost_encoder_is_retried_to_identical_tokens(servers, trisect_cache, tiny_llava, make_image):
+    prefill, decode = servers
+    prefill.sender_cls, decode.receiver_cls = FakeSender, FakeReceiver
+    encode = DyingEncode(EncodeServer("tiny-llava", cache_dir=str(trisect_cache)))
+    orch = Orchestrator("epd", Stages(encode=StageClient(encode, is_handle=False),
+                                      prefill=StageClient(prefill, is_handle=False),
+                                      decode=StageClient(decode, is_handle=False)))
+    image = make_image(81)
+    tokens = asyncio.run(collect(orch, "lost-encoder", tiny_llava, "look again", [image], 8))
+    assert tokens == hf_greedy(tiny_llava, "look again", [image], 8)
+    assert orch.encode_failures == 1 and encode.calls == 2
+    asyncio.run(assert_nothing_held(prefill, decode))

@@ -74,3 +74,20 @@ def test_embed_inline_limit_must_not_be_negative():
     assert ClusterConfig(embed_inline_limit_kib=0).embed_inline_limit_kib == 0   # 0: always via the store
     with pytest.raises(ValueError, match="embed_inline_limit_kib"):
         ClusterConfig(embed_inline_limit_kib=-1)
+
+
+def test_unavailable_after_s_has_a_default_a_key_and_a_precise_error():
+    assert StageConfig().unavailable_after_s == 10.0
+    cfg = ClusterConfig.from_dict({"mode": "epd", "stages": {"encode": {"unavailable_after_s": 3}}})
+    assert cfg.stages["encode"].unavailable_after_s == 3 and cfg.stages["prefill"].unavailable_after_s == 10.0
+    for bad in (0, -1, "10", True, None):
+        with pytest.raises(ValueError, match="unavailable_after_s must be a number of seconds > 0"):
+            StageConfig(unavailable_after_s=bad)
+
+
+def test_a_stage_without_a_replica_is_unavailable_with_its_own_message():
+    from services.cluster_backend import client_error
+    from services.errors import ErrorCode
+    from services.orchestrator import StageUnavailable
+    e = client_error(StageUnavailable("no encode replica could take the request within 10.0 s"), "r1")
+    assert e.code is ErrorCode.UNAVAILABLE and e.message.startswith("no encode replica")
