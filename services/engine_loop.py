@@ -90,8 +90,7 @@ class EngineLoop:
             try:
                 self._drain(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        self._push(out.request_id, out if out.error is None else out.error)
+                    self._push_step(self.engine.step())
             except Exception:          # a bug must not kill the loop: fail what is in flight, go on
                 log.exception("engine step failed; failing every request in the engine")
                 for rid in list(self.engine.seqs):
@@ -132,6 +131,20 @@ class EngineLoop:
                 if fut is not None:
                     fut.set_exception(e)
 
+    def _push_step(self, outs) -> None:
+        # one wake-up of each consumer loop per step, not one per row: each call_soon_threadsafe
+        # writes the loop's self-pipe and takes the GIL, a cost paid per step, not per token
+        by_loop: dict = {}
+        for out in outs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out if out.error is None else out.error))
+        for loop, puts in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, puts)
+            except RuntimeError:               # the consumers' loop is gone
+                pass
+
     def _push(self, rid: str, item) -> None:
         target = self._streams.get(rid)
         if target is None:
@@ -141,3 +154,8 @@ class EngineLoop:
             loop.call_soon_threadsafe(out.put_nowait, item)
         except RuntimeError:                   # the consumer's loop is gone
             pass
+
+
+def _put_all(puts) -> None:
+    for out, item in puts:
+        out.put_nowait(item)

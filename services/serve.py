@@ -128,7 +128,27 @@ async def serve_local(cfg: ClusterConfig, host: str, http_port: int) -> None:
     backend.close()
 
 
+def passive_omp_workers() -> bool:
+    """Idle OpenMP workers sleep instead of spinning, in this process and the Ray workers it starts.
+
+    torch's libgomp lets a worker spin ~300,000 iterations (milliseconds) after each parallel
+    region before it sleeps. A decode step is mostly Python between small ops, so in a server the
+    second OpenMP thread spins through nearly the whole step: on 2 cores it takes the core that the
+    HTTP/gRPC event loop (and, on one box, the other stages and the client) need, and each of them
+    then waits for a time slice. On the 2-core development machine, busy, a decode step burnt 3x
+    (1 row) to 7–10x (8 rows) the CPU of one whose workers sleep, and took 3–20x as long (see
+    docs/benchmarks.md). The policy changes how threads wait, never how work is split: results
+    are bit-identical.
+    Must run before torch is imported (libgomp reads it once); an explicit OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT in the environment wins. Returns whether it set the policy."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"   # inherited by the Ray head and its workers
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    passive_omp_workers()
     args = parse_args(argv)
     cfg = build_config(args)
     if args.mode == "local":
