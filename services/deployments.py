@@ -118,6 +118,9 @@ class LLMServer:
             from decoders.kv_transfer.objectstore import prefault_plasma
             prefault_plasma()                      # now, so no request's KV put pays the page faults
         self.senders: dict = {}
+        # releases that came before their prefill ended (the caller was cut while prefilling): rid ->
+        # when; the prefill frees at once when it ends, instead of leaving its KV to the reaper
+        self.early_releases: dict[str, float] = {}
         # a transfer nobody acks within this is over: the reaper frees its blocks (orchestrator gone)
         self.transfer_timeout_s = transfer_timeout_s
         self.imports = 0                           # KV handovers this decode instance took in
@@ -170,6 +173,9 @@ class LLMServer:
         async for out in self.loop.stream(rid, self._start(rid, token_ids, sampling, imgs)):
             if out.kv is None:                       # finished at its first token: nothing to hand over
                 return {"tokens": out.new_token_ids, "finish_reason": out.finish_reason, "ticket": None}
+            if self.early_releases.pop(rid, None) is not None:
+                await self.loop.run(lambda e: e.release(rid))   # nobody will take this KV
+                return {"tokens": out.new_token_ids, "finish_reason": "abort", "ticket": None}
             sender = self.sender_cls(out.kv, timeout_s=self.transfer_timeout_s)
             self.senders[rid] = sender
             if self.presence:                    # the prompt's blocks stay cached here: prefix affinity
@@ -182,12 +188,18 @@ class LLMServer:
         sender = self.senders.pop(rid, None)
         if sender is not None:
             sender.ack(ok, reason or "decode side failed")
-        await self.loop.run(lambda e: e.release(rid))
+        elif not ok:
+            self.early_releases[rid] = time.monotonic()
+        # abort: a prefill still running stops here; a handed-over sequence's blocks are freed
+        await self.loop.run(lambda e: e.abort(rid))
 
     async def _reap(self) -> None:
         """Free blocks of transfers nobody will ever ack (orchestrator died): the sender timed out."""
         while True:
             await asyncio.sleep(_REAP_INTERVAL_S)
+            stale = time.monotonic() - self.transfer_timeout_s
+            for rid in [r for r, t in self.early_releases.items() if t < stale]:
+                del self.early_releases[rid]      # its prefill had already ended, or never came
             for rid, sender in list(self.senders.items()):
                 try:
                     if sender.poll().done:
