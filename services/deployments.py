@@ -209,17 +209,22 @@ class LLMServer:
                 except Exception:                # one bad transfer must not stop the reaping of others
                     log.exception("reaping the KV transfer of %s failed", rid)
 
-    async def decode(self, rid: str, ticket):
+    async def receive(self, ticket):
+        """The KV a ticket names, once its transfer is over (recorded in the transfer metrics):
+        (payload, None), or (None, why it failed)."""
         rx = self.receiver_cls(ticket)
         with stage_metrics.Stopwatch() as took:
             while not rx.poll().done:
                 await asyncio.sleep(0.0005)
         ok = rx.state.value == "success"
         stage_metrics.transferred(self.transfer, ok, rx.payload().nbytes if ok else 0, took.seconds)
-        if not ok:
-            yield {"transfer_failed": rx.error or "transfer failed"}
+        return (rx.payload(), None) if ok else (None, rx.error or "transfer failed")
+
+    async def decode(self, rid: str, ticket):
+        payload, failed = await self.receive(ticket)
+        if failed:
+            yield {"transfer_failed": failed}
             return
-        payload = rx.payload()
         imported = False
         async for out in self.loop.stream(rid, lambda e: e.import_kv(payload)):
             if not imported:                     # the engine has copied the KV: the source may free it

@@ -146,16 +146,11 @@ class SwitchableLLMServer(LLMServer):
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self.inflight[Role.DECODE] += 1
         try:
-            rx = self.receiver_cls(ticket)
-            with stage_metrics.Stopwatch() as took:
-                while not rx.poll().done:
-                    await asyncio.sleep(0.0005)
-            ok = rx.state.value == "success"
-            stage_metrics.transferred(self.transfer, ok, rx.payload().nbytes if ok else 0, took.seconds)
-            if not ok:
-                yield {"transfer_failed": rx.error or "transfer failed"}
+            payload, failed = await self.receive(ticket)
+            if failed:
+                yield {"transfer_failed": failed}
                 return
-            payload, imported = rx.payload(), False
+            imported = False
             async for out in self.loop.stream(rid, lambda e: self._import(e, payload)):
                 if not imported:                  # the engine has copied the KV: the source may free it
                     imported = True

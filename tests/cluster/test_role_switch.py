@@ -6,8 +6,6 @@ instance holds no KV block, sender or handover."""
 import base64
 import io
 import json
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +20,6 @@ from cluster.registry import Registry
 from cluster.request_router import pinned
 from cluster.roles import Role
 from services.app import build_app
-from tests.cluster.conftest import free_port
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -30,19 +27,9 @@ PRESETS = {"tiny_llava": "tiny-llava", "tiny_qwen2_vl": "tiny-qwen2-vl"}
 
 
 @pytest.fixture(scope="module")
-def pool_cluster():
-    import ray
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    port = free_port()
-    ray.init(num_cpus=2, resources={"llm_pool": 8}, _temp_dir=tmp, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", object_store_memory=256 * 2**20)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+def pool_cluster(serve_cluster):
+    """The cluster tests' local Ray + Serve (it offers llm_pool)."""
+    return serve_cluster
 
 
 @pytest.fixture
